@@ -1,0 +1,231 @@
+// Exact mask selection.
+//
+// V:N:M. For a V x M block with scores s[r][c] >= 0 we want the 4 columns S maximising
+//   f(S) = sum_r top2_r(S),  top2_r(S) = sum of the two largest s[r][c], c in S,
+// after which every row keeps its top 2 inside S. C(M, 4) sets are enumerated as a < b < c < d
+// over the columns sorted by descending column sum (good sets come first), with branch and bound:
+// every bound below is >= the exact value of any completion, so pruning never loses the optimum.
+//   - after a:    sum_r top2{ s_a, best two of the columns after a }
+//   - after a,b:  sum_r top2{ top two of (s_a, s_b), best two after b }
+//   - after a,b,c with per-row top two t1 >= t2: adding d gives t1 + max(t2, s_d) exactly, and
+//                 t1 + max(t2, best after c) bounds every d.
+// Every per-row term, bound or exact, is one addition P + Q of the largest and second largest of
+// a set of scores, and the bound's P and Q are >= the completion's (a superset's top two). Float
+// addition is monotone, and the sums over rows run in one fixed order (8 lane accumulators), so
+// a bound computed in float is never below the float value of a completion: pruning on
+// bound <= best is exact, and the result is that of plain enumeration keeping the first best.
+// For M = 8 this is at most 70 sets of V rows; for large M the bounds prune most of C(M, 4).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "vnm/core.h"
+#include "vnm/parallel.h"
+
+namespace vnm {
+namespace {
+
+constexpr int kLanes = 8;
+
+// Sum over rows of f(r), in kLanes interleaved partial sums combined in a fixed order.
+template <typename F>
+inline float lane_sum(int V, F&& f) {
+  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int r = 0;
+  for (; r + kLanes <= V; r += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(r + l);
+  for (; r < V; ++r) acc[r % kLanes] += f(r);
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
+// Per-thread scratch for one block, column-major: col(c)[r] is the score of row r, column c.
+struct BlockScratch {
+  int V = 0, M = 0;
+  std::vector<float> nat;         // M x V, columns in natural order (the block as loaded)
+  std::vector<float> s;           // M x V, columns in search order
+  std::vector<float> suf1, suf2;  // (M + 1) x V: best and second best of columns >= i
+  std::vector<float> t1a, t2a;    // V: top two after a, b
+  std::vector<float> t1b, t2b;    // V: top two after a, b, c
+  std::vector<int> order;         // search position -> column offset
+
+  void resize(int V_, int M_) {
+    V = V_;
+    M = M_;
+    nat.assign(size_t(M) * V, 0.0f);
+    s.assign(size_t(M) * V, 0.0f);
+    suf1.assign(size_t(M + 1) * V, 0.0f);
+    suf2.assign(size_t(M + 1) * V, 0.0f);
+    t1a.assign(V, 0.0f);
+    t2a.assign(V, 0.0f);
+    t1b.assign(V, 0.0f);
+    t2b.assign(V, 0.0f);
+    order.resize(M);
+  }
+  float* natural(int c) { return nat.data() + size_t(c) * V; }
+  float* col(int i) { return s.data() + size_t(i) * V; }
+  float* s1(int i) { return suf1.data() + size_t(i) * V; }
+  float* s2(int i) { return suf2.data() + size_t(i) * V; }
+};
+
+// Finds the best 4 columns of the block loaded in b.nat; writes their offsets, ascending, to best[].
+void best_columns(BlockScratch& b, int best[4]) {
+  const int V = b.V, M = b.M;
+  // Search order: descending column sum, ties by offset.
+  float colsum[kMaxM];
+  for (int c = 0; c < M; ++c) colsum[c] = lane_sum(V, [&](int r) { return b.natural(c)[r]; });
+  std::iota(b.order.begin(), b.order.end(), 0);
+  std::stable_sort(b.order.begin(), b.order.end(),
+                   [&](int x, int y) { return colsum[x] > colsum[y]; });
+  for (int i = 0; i < M; ++i) std::copy_n(b.natural(b.order[i]), V, b.col(i));
+  // Suffix best two per row.
+  std::fill_n(b.s1(M), V, 0.0f);
+  std::fill_n(b.s2(M), V, 0.0f);
+  for (int i = M - 1; i >= 0; --i) {
+    const float *x = b.col(i), *n1 = b.s1(i + 1), *n2 = b.s2(i + 1);
+    float *o1 = b.s1(i), *o2 = b.s2(i);
+    for (int r = 0; r < V; ++r) {
+      o1[r] = std::max(x[r], n1[r]);
+      o2[r] = std::max(std::min(x[r], n1[r]), n2[r]);
+    }
+  }
+
+  float best_value = -1.0f;  // scores are >= 0, so the first complete set replaces this
+  int best_pos[4] = {0, 1, 2, 3};
+  for (int a = 0; a + 3 < M; ++a) {
+    const float *xa = b.col(a), *sa1 = b.s1(a + 1), *sa2 = b.s2(a + 1);
+    // top two of {x, s1, s2} with s1 >= s2: max(x, s1) + max(min(x, s1), s2).
+    const float bound_a = lane_sum(V, [&](int r) {
+      return std::max(xa[r], sa1[r]) + std::max(std::min(xa[r], sa1[r]), sa2[r]);
+    });
+    if (bound_a <= best_value) continue;
+    for (int bb = a + 1; bb + 2 < M; ++bb) {
+      const float *xb = b.col(bb), *sb1 = b.s1(bb + 1), *sb2 = b.s2(bb + 1);
+      for (int r = 0; r < V; ++r) {
+        b.t1a[r] = std::max(xa[r], xb[r]);
+        b.t2a[r] = std::min(xa[r], xb[r]);
+      }
+      const float* t1 = b.t1a.data();
+      const float* t2 = b.t2a.data();
+      // top two of two sorted pairs: max(t1, s1) + max(min(t1, s1), max(t2, s2)).
+      const float bound_b = lane_sum(V, [&](int r) {
+        return std::max(t1[r], sb1[r]) + std::max(std::min(t1[r], sb1[r]), std::max(t2[r], sb2[r]));
+      });
+      if (bound_b <= best_value) continue;
+      for (int c = bb + 1; c + 1 < M; ++c) {
+        const float *xc = b.col(c), *sc1 = b.s1(c + 1);
+        for (int r = 0; r < V; ++r) {
+          b.t1b[r] = std::max(t1[r], xc[r]);
+          b.t2b[r] = std::max(t2[r], std::min(t1[r], xc[r]));
+        }
+        const float* u1 = b.t1b.data();
+        const float* u2 = b.t2b.data();
+        const float bound_c = lane_sum(V, [&](int r) { return u1[r] + std::max(u2[r], sc1[r]); });
+        if (bound_c <= best_value) continue;
+        for (int d = c + 1; d < M; ++d) {
+          const float* xd = b.col(d);
+          const float value = lane_sum(V, [&](int r) { return u1[r] + std::max(u2[r], xd[r]); });
+          if (value > best_value) {
+            best_value = value;
+            best_pos[0] = a;
+            best_pos[1] = bb;
+            best_pos[2] = c;
+            best_pos[3] = d;
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i) best[i] = b.order[best_pos[i]];
+  std::sort(best, best + 4);
+}
+
+[[noreturn]] void bad_score(const float* scores, int64_t i, int64_t K) {
+  std::ostringstream os;
+  os << "scores must be finite and non-negative importance values (e.g. weight.abs()); got "
+     << scores[i] << " at (" << i / K << ", " << i % K << ")";
+  throw std::invalid_argument(os.str());
+}
+
+void check_scores(const float* scores, int64_t n, int64_t K) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!(scores[i] >= 0.0f) || std::isinf(scores[i])) bad_score(scores, i, K);
+}
+
+void select_vnm(const float* scores, int64_t R, int64_t K, const Pattern& p, uint8_t* mask) {
+  const int V = p.row_block(), M = p.M;
+  const int64_t row_blocks = ceil_div(R, V), groups = ceil_div(K, M);
+  parallel_for(row_blocks * groups, 4, [&](int64_t begin, int64_t end) {
+    BlockScratch b;
+    b.resize(V, M);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = (blk / groups) * V, c0 = (blk % groups) * M;
+      const int rows = int(std::min<int64_t>(V, R - r0));
+      const int cols = int(std::min<int64_t>(M, K - c0));
+      std::fill(b.nat.begin(), b.nat.end(), 0.0f);  // padding scores are zero
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) b.natural(c)[r] = scores[(r0 + r) * K + c0 + c];
+      int sel[4] = {0, 1, 2, 3};
+      if (M > kSelectedColumns) best_columns(b, sel);
+      // Each row keeps its top 2 of the 4 selected columns, ties to the lower offset.
+      for (int r = 0; r < rows; ++r) {
+        int i0 = 0, i1 = 1;
+        float v[4];
+        for (int i = 0; i < 4; ++i) v[i] = b.natural(sel[i])[r];
+        if (v[1] > v[0]) std::swap(i0, i1);
+        for (int i = 2; i < 4; ++i) {
+          if (v[i] > v[i0]) {
+            i1 = i0;
+            i0 = i;
+          } else if (v[i] > v[i1]) {
+            i1 = i;
+          }
+        }
+        uint8_t* out = mask + (r0 + r) * K + c0;
+        for (int c = 0; c < cols; ++c) out[c] = 0;
+        if (sel[i0] < cols) out[sel[i0]] = 1;
+        if (sel[i1] < cols) out[sel[i1]] = 1;
+      }
+    }
+  });
+}
+
+void select_nm(const float* scores, int64_t R, int64_t K, const Pattern& p, uint8_t* mask) {
+  const int N = p.N, M = p.M;
+  const int64_t groups = ceil_div(K, M);
+  parallel_for(R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int> idx(M);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = scores + r * K;
+      uint8_t* out = mask + r * K;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * M;
+        const int cols = int(std::min<int64_t>(M, K - c0));
+        for (int c = 0; c < cols; ++c) out[c0 + c] = 0;
+        const int keep = std::min(N, cols);
+        std::iota(idx.begin(), idx.begin() + cols, 0);
+        std::partial_sort(idx.begin(), idx.begin() + keep, idx.begin() + cols, [&](int x, int y) {
+          return row[c0 + x] > row[c0 + y] || (row[c0 + x] == row[c0 + y] && x < y);
+        });
+        for (int i = 0; i < keep; ++i) out[c0 + idx[i]] = 1;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void select_mask(const float* scores, int64_t R, int64_t K, const Pattern& p, uint8_t* mask) {
+  if (R <= 0 || K <= 0) return;
+  check_scores(scores, R * K, K);
+  if (p.is_vnm())
+    select_vnm(scores, R, K, p, mask);
+  else
+    select_nm(scores, R, K, p, mask);
+}
+
+}  // namespace vnm

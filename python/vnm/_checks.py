@@ -1,0 +1,40 @@
+"""Input checks shared by the public functions: each error names what was expected and the fix."""
+
+from __future__ import annotations
+
+import torch
+
+# dtype codes of the C++ core (vnm::DType)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dtype_code(dtype: torch.dtype, what: str) -> int:
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"{what} has dtype {dtype}; vnm supports torch.float32, torch.float16 and torch.bfloat16"
+        ) from None
+
+
+def raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous CPU view of a float tensor as raw bits (what the C++ core takes)."""
+    t = t.contiguous()
+    if t.dtype == torch.float32:
+        return t
+    return t.view(torch.int16)
+
+
+def require_tensor(x, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def require_2d(t: torch.Tensor, what: str) -> torch.Tensor:
+    require_tensor(t, what)
+    if t.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (rows x columns), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{what} must not be empty, got shape {tuple(t.shape)}")
+    return t

@@ -1,0 +1,126 @@
+"""``vnm.spmm``: y = x @ W.T (+ bias) with W in V:N:M storage.
+
+The work is a ``torch.library`` custom op (``vnm::spmm``, with a fake implementation), so it runs
+under ``torch.compile`` and inside CUDA graphs. CPU tensors go to the C++ reference; CUDA tensors
+to the ``mma.sp`` kernel when the package was built with CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import DTYPE_CODES, dtype_code, raw_bits, require_tensor
+from ._native import _C
+from .pattern import Pattern
+from .tensor import VNMTensor
+
+
+def _storage_dense(values, meta, columns, pattern: str, R: int, K: int) -> torch.Tensor:
+    p = Pattern.parse(pattern)
+    w = VNMTensor(values, meta, columns, p, (R, K), validate=False)
+    return w.to_dense()
+
+
+@torch.library.custom_op("vnm::to_dense", mutates_args=())
+def _to_dense_op(
+    values: torch.Tensor, meta: torch.Tensor, columns: torch.Tensor, pattern: str, R: int, K: int
+) -> torch.Tensor:
+    return _storage_dense(values, meta, columns, pattern, R, K)
+
+
+@_to_dense_op.register_fake
+def _(values, meta, columns, pattern, R, K):
+    return values.new_empty((R, K))
+
+
+@torch.library.custom_op("vnm::spmm", mutates_args=())
+def _spmm_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    columns: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    pattern: str,
+    R: int,
+    K: int,
+) -> torch.Tensor:
+    n = x.shape[0]
+    y = torch.empty((n, R), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    if x.device.type == "cuda":
+        from . import cuda_ops  # noqa: PLC0415 - only present in CUDA builds
+
+        return cuda_ops.spmm_cuda(x, values, meta, columns, perm, bias, pattern, R, K, y)
+    _C.spmm(
+        Pattern.parse(pattern), R, K, DTYPE_CODES[x.dtype], raw_bits(values), meta.contiguous(),
+        columns.contiguous(), None if perm is None else perm.contiguous(), raw_bits(x), n,
+        None if bias is None else raw_bits(bias), raw_bits(y),
+    )
+    return y
+
+
+@_spmm_op.register_fake
+def _(x, values, meta, columns, perm, bias, pattern, R, K):
+    return x.new_empty((x.shape[0], R))
+
+
+def _spmm_setup_context(ctx, inputs, output):
+    x, values, meta, columns, perm, bias, pattern, R, K = inputs
+    ctx.save_for_backward(values, meta, columns, perm)
+    ctx.meta_args = (pattern, R, K, bias is not None)
+
+
+def _spmm_backward(ctx, grad_y):
+    # dL/dx = grad_y @ W (scattered back through perm); the weight is frozen, so only x and bias
+    # get gradients. The backward densifies W once; training with trainable weights uses dense
+    # masked weights (vnm.train), not this op.
+    values, meta, columns, perm = ctx.saved_tensors
+    pattern, R, K, has_bias = ctx.meta_args
+    dense = _to_dense_op(values, meta, columns, pattern, R, K)
+    grad_xp = grad_y @ dense
+    if perm is None:
+        grad_x = grad_xp
+    else:
+        grad_x = torch.empty_like(grad_xp).index_copy_(1, perm.long(), grad_xp)
+    grad_bias = grad_y.sum(0) if has_bias else None
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
+_spmm_op.register_autograd(_spmm_backward, setup_context=_spmm_setup_context)
+
+
+def spmm(w: VNMTensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., K)``, straight from the compressed storage.
+
+    fp32 accumulation, output in ``x``'s dtype. With ``w.perm`` the stored matrix multiplies
+    ``x[..., perm]``. ``x``, ``bias`` and ``w`` must share dtype and device.
+    """
+    if not isinstance(w, VNMTensor):
+        raise TypeError(f"w must be a vnm.VNMTensor (see VNMTensor.from_dense), got {type(w).__name__}")
+    require_tensor(x, "x")
+    R, K = w.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}: its last dimension must be K={K} (the weight's input features)"
+        )
+    dtype_code(x.dtype, "x")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x is {x.dtype} but the weight is {w.dtype}; cast x with x.to({w.dtype})")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one with .to()")
+    if bias is not None:
+        require_tensor(bias, "bias")
+        if tuple(bias.shape) != (R,):
+            raise ValueError(f"bias must have shape ({R},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}; cast it with bias.to({x.dtype})")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    y = _spmm_op(x2, w.values, w.meta, w.columns, w.perm, bias, w.pattern_text, R, K)
+    return y.reshape(*lead, R)
