@@ -7,20 +7,28 @@ storage (:class:`VNMTensor`) and the sparse matrix product (:func:`spmm`).
 from __future__ import annotations
 
 from ._native import CUDA_BUILT
+from ._version import __version__
+from .checkpoint import load, save
 from .mask import check_mask, is_valid_mask, select_mask
+from .nn import VNMLinear
 from .ops import spmm
 from .pattern import Pattern, as_pattern
+from .sparsify import SparsifyConfig, sparsify
 from .tensor import VNMTensor
-
-__version__ = "0.1.0"
+from . import nn  # noqa: F401  (vnm.nn.VNMLinear)
 
 __all__ = [
     "CUDA_BUILT",
+    "SparsifyConfig",
+    "VNMLinear",
     "Pattern",
     "VNMTensor",
     "as_pattern",
     "check_mask",
     "is_valid_mask",
+    "load",
+    "save",
     "select_mask",
+    "sparsify",
     "spmm",
 ]

@@ -101,17 +101,33 @@ def spmm(w: VNMTensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
     """
     if not isinstance(w, VNMTensor):
         raise TypeError(f"w must be a vnm.VNMTensor (see VNMTensor.from_dense), got {type(w).__name__}")
+    return spmm_storage(x, w.values, w.meta, w.columns, w.perm, bias, w.pattern_text, w.shape[0], w.shape[1])
+
+
+def spmm_storage(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    columns: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    pattern: str,
+    R: int,
+    K: int,
+) -> torch.Tensor:
+    """:func:`spmm` on the canonical arrays of an R x K matrix (what ``VNMLinear.forward`` calls).
+    Checks the inputs a user controls (x, bias); the storage is trusted. Traceable by
+    ``torch.compile`` (no calls into the compiled core at trace time)."""
     require_tensor(x, "x")
-    R, K = w.shape
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(
             f"x has shape {tuple(x.shape)}: its last dimension must be K={K} (the weight's input features)"
         )
     dtype_code(x.dtype, "x")
-    if x.dtype != w.dtype:
-        raise TypeError(f"x is {x.dtype} but the weight is {w.dtype}; cast x with x.to({w.dtype})")
-    if x.device != w.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {w.device}; move one with .to()")
+    if x.dtype != values.dtype:
+        raise TypeError(f"x is {x.dtype} but the weight is {values.dtype}; cast x with x.to({values.dtype})")
+    if x.device != values.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {values.device}; move one with .to()")
     if bias is not None:
         require_tensor(bias, "bias")
         if tuple(bias.shape) != (R,):
@@ -122,5 +138,5 @@ def spmm(w: VNMTensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
-    y = _spmm_op(x2, w.values, w.meta, w.columns, w.perm, bias, w.pattern_text, R, K)
+    y = _spmm_op(x2, values, meta, columns, perm, bias, pattern, R, K)
     return y.reshape(*lead, R)

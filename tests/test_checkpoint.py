@@ -1,0 +1,169 @@
+"""Corrupt or mismatched checkpoints raise a clear error and load nothing half-way."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import vnm
+from vnm import SparsifyConfig, VNMLinear
+from _models import output_tensor, tiny_llama
+
+
+@pytest.fixture
+def saved(tmp_path):
+    dense, inputs = tiny_llama()
+    sparse = copy.deepcopy(dense)
+    vnm.sparsify(sparse, SparsifyConfig(pattern="16:2:8", progress=False))
+    path = vnm.save(sparse, tmp_path / "m.safetensors")
+    return path, sparse, inputs
+
+
+def rewrite(path, tensors=None, description=None):
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = tensors if tensors is not None else load_file(str(path))
+    if description is not None:
+        meta["vnm"] = description if isinstance(description, str) else json.dumps(description)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def description(path):
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["vnm"])
+
+
+def assert_untouched(model):
+    assert not any(isinstance(m, VNMLinear) for m in model.modules())
+
+
+def fresh():
+    return tiny_llama()[0]
+
+
+def test_description_records_layers_and_version(saved):
+    path, sparse, _ = saved
+    d = description(path)
+    assert d["format_version"] == 1 and d["vnm_version"] == vnm.__version__
+    layer = d["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer == {"pattern": "16:2:8", "shape": [64, 160], "dtype": "float32", "perm": False, "bias": False}
+
+
+def test_truncated_file(saved):
+    path, _, _ = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    model = fresh()
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        vnm.load(path, model)
+    assert_untouched(model)
+    path.write_bytes(data[:40])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        vnm.load(path, model)
+
+
+def test_flipped_byte_is_caught_by_the_checksum(saved):
+    path, _, _ = saved
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10
+    path.write_bytes(bytes(data))
+    model = fresh()
+    with pytest.raises(ValueError, match="SHA-256"):
+        vnm.load(path, model)
+    assert_untouched(model)
+
+
+def test_unknown_version(saved):
+    path, _, _ = saved
+    d = description(path)
+    d["format_version"] = 99
+    rewrite(path, description=d)
+    with pytest.raises(ValueError, match="format version 99 is not supported"):
+        vnm.load(path, fresh())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: "{not json", "not valid JSON"),
+    (lambda d: {**d, "layers": None}, "no 'layers' table"),
+    (lambda d: {**d, "layers": {**d["layers"], "model.layers.9.mlp.up_proj": d["layers"]["model.layers.0.mlp.up_proj"]}},
+     "does not exist in LlamaForCausalLM"),
+    (lambda d: {**d, "layers": {k: {**v, "pattern": "16:2:4"} for k, v in d["layers"].items()}}, "values has shape"),
+    (lambda d: {**d, "layers": {k: {**v, "pattern": "16:3:8"} for k, v in d["layers"].items()}}, "need N == 2"),
+    (lambda d: {**d, "layers": {k: {**v, "shape": [64, 64]} for k, v in d["layers"].items()}}, "in the checkpoint but"),
+])
+def test_tampered_description(saved, edit, message):
+    path, _, _ = saved
+    rewrite(path, description=edit(description(path)))
+    model = fresh()
+    with pytest.raises(ValueError, match=message):
+        vnm.load(path, model)
+    assert_untouched(model)
+
+
+def test_tampered_storage_with_a_matching_checksum(saved):
+    # Someone edits the metadata of a layer and recomputes the checksum: well-formedness still holds.
+    path, _, _ = saved
+    tensors = load_file(str(path))
+    tensors["model.layers.0.mlp.up_proj.columns"][0, 0] = torch.tensor([3, 2, 1, 0], dtype=torch.uint8)
+    from vnm.checkpoint import _digest
+    d = description(path)
+    d["sha256"] = _digest(tensors)
+    rewrite(path, tensors=tensors, description=d)
+    model = fresh()
+    with pytest.raises(ValueError, match=r"up_proj.*must be 4 ascending offsets"):
+        vnm.load(path, model)
+    assert_untouched(model)
+
+
+def test_wrong_architecture(saved):
+    path, _, _ = saved
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=160, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101))
+    with pytest.raises(ValueError, match="in the checkpoint but"):
+        vnm.load(path, other)
+    assert_untouched(other)
+    with pytest.raises(ValueError, match="does not exist"):
+        vnm.load(path, nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_dense_tensor_mismatch_loads_nothing(saved):
+    path, _, _ = saved
+    tensors = load_file(str(path))
+    del tensors["model.norm.weight"]
+    from vnm.checkpoint import _digest
+    d = description(path)
+    d["sha256"] = _digest(tensors)
+    rewrite(path, tensors=tensors, description=d)
+    model = fresh()
+    with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
+        vnm.load(path, model)
+    assert_untouched(model)
+
+
+def test_not_a_vnm_file(tmp_path):
+    p = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(p))
+    with pytest.raises(ValueError, match="not written by vnm.save"):
+        vnm.load(p, fresh())
+    with pytest.raises(ValueError, match="no VNMLinear layer"):
+        vnm.save(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_load_from_config_and_tied_weights(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=50, n_positions=16)).eval()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
+    vnm.sparsify(model, SparsifyConfig(pattern="16:2:4", progress=False))
+    path = vnm.save(model, tmp_path / "g.safetensors")
+    loaded = vnm.load(path, model.config)
+    ids = torch.randint(0, 50, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(output_tensor(loaded(input_ids=ids)), output_tensor(model(input_ids=ids)))
