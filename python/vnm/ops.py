@@ -1,8 +1,9 @@
 """``vnm.spmm``: y = x @ W.T (+ bias) with W in V:N:M storage.
 
-The work is a ``torch.library`` custom op (``vnm::spmm``, with a fake implementation), so it runs
-under ``torch.compile`` and inside CUDA graphs. CPU tensors go to the C++ reference; CUDA tensors
-to the ``mma.sp`` kernel when the package was built with CUDA.
+The work is a ``torch.library`` custom op with a fake implementation, so it runs under
+``torch.compile`` and inside CUDA graphs. CPU tensors go to the C++ reference (``vnm::spmm``);
+CUDA tensors to the ``mma.sp`` kernel (``vnm::spmm_packed``, see ``vnm.cuda_ops``) on the packed
+layout, built once per VNMTensor and cached on it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _spmm_op(
     if n == 0:
         return y
     if x.device.type == "cuda":
-        from . import cuda_ops  # noqa: PLC0415 - only present in CUDA builds
+        from . import cuda_ops  # noqa: PLC0415
 
         return cuda_ops.spmm_cuda(x, values, meta, columns, perm, bias, pattern, R, K, y)
     _C.spmm(
@@ -122,5 +123,14 @@ def spmm(w: VNMTensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
-    y = _spmm_op(x2, w.values, w.meta, w.columns, w.perm, bias, w.pattern_text, R, K)
+    if x2.device.type == "cuda":
+        # The mma.sp kernel reads the packed layout: pack once, cache it on w, reuse it.
+        from . import cuda_ops  # noqa: PLC0415
+
+        cuda_ops._require_kernel_dtype(x2.dtype, "x")
+        cuda_ops._require_cuda_build()
+        p = cuda_ops.packed_for(w)
+        y = torch.ops.vnm.spmm_packed(x2, p.values, p.meta, p.kidx, bias, w.pattern_text, R, K, p.has_perm)
+    else:
+        y = _spmm_op(x2, w.values, w.meta, w.columns, w.perm, bias, w.pattern_text, R, K)
     return y.reshape(*lead, R)
