@@ -479,6 +479,38 @@ NB_MODULE(_C, m) {
         "Runs the CUDA kernel's logic on the CPU (path 0 auto, 1 decode, 2 tiled). Returns '' "
         "or the first problem the model of mma.sp found.");
 
+  m.def("_fragment_maps", []() {
+    // Every PTX-fact index function of sp_layout.h, tabulated for the tests to check against
+    // the ISA's formulas: lists of (lane, i, ...) tuples.
+    nb::list a, b, c, meta;
+    for (int lane = 0; lane < vnm::sp::kWarp; ++lane) {
+      for (int i = 0; i < 8; ++i) {
+        const vnm::sp::AElem ea = vnm::sp::a_elem(lane, i);
+        a.append(nb::make_tuple(lane, i, ea.row, ea.chunk, ea.slot));
+        const vnm::sp::BElem eb = vnm::sp::b_elem(lane, i);
+        b.append(nb::make_tuple(lane, i, eb.k, eb.n));
+      }
+      for (int i = 0; i < 4; ++i) {
+        const vnm::sp::CElem ec = vnm::sp::c_elem(lane, i);
+        c.append(nb::make_tuple(lane, i, ec.row, ec.n));
+      }
+    }
+    for (int row = 0; row < 16; ++row)
+      for (int chunk = 0; chunk < 8; ++chunk)
+        meta.append(nb::make_tuple(row, chunk, vnm::sp::meta_lane(row, chunk, 0),
+                                   vnm::sp::meta_shift(row, chunk)));
+    nb::list words;
+    for (int lane = 0; lane < vnm::sp::kWarp; ++lane)
+      words.append(vnm::sp::meta_word_of_lane(lane));
+    nb::dict d;
+    d["a"] = a;
+    d["b"] = b;
+    d["c"] = c;
+    d["meta"] = meta;
+    d["meta_word_of_lane"] = words;
+    return d;
+  }, "The fragment maps of vnm/sp_layout.h (test hook).");
+
   m.def("_kernel_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens) {
     const vnm::sp::PackedGeom g = geom_of(p, R, K);
     const vnm::sp::Path path = vnm::sp::choose_path(g, n_tokens);
