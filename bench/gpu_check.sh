@@ -97,7 +97,8 @@ sass() {
 export SO ARCH
 export -f sass
 step sass 60 "$OUT/sass.txt" bash -c sass
-grep -A1 "ptxas info" "$OUT/build.log" | grep -E "spmm|Used" | head -40 >> "$OUT/sass.txt"
+echo "# ptxas --resource-usage at build time" >> "$OUT/sass.txt"
+grep -E "ptxas info +: (Compiling entry|Used)|spill" "$OUT/build.log" | head -60 >> "$OUT/sass.txt"
 
 # ---- 5. benchmarks -------------------------------------------------------------------------
 REPS=${QUICK:+10}

@@ -380,3 +380,12 @@ def test_packed_object_validates_and_moves(gen):
         cuda_ops.PackedVNM(p.values, p.meta, p.kidx[:1], "64:2:8", (100, 75))
     q = cuda_ops.PackedVNM(p.values, p.meta, p.kidx, "64:2:8", (100, 75))
     assert q.to("cpu").nbytes == p.nbytes
+
+
+def test_packed_ops_refuse_mixed_devices(gen):
+    t, _, _, _ = _make("16:2:5", 32, 20, torch.float16, gen)
+    p = cuda_ops.pack(t)
+    x = torch.randn(3, 20, generator=gen).half()
+    y = torch.empty(3, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="kidx is on meta but the other arrays are on cpu"):
+        cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx.to("meta"), None, "16:2:5", 32, 20, False, y)

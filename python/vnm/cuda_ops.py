@@ -92,6 +92,12 @@ def _i16(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int16)
 
 
+def _same_device(device: torch.device, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the other arrays are on {device}; move it with .to({str(device)!r})")
+
+
 # ---- custom ops --------------------------------------------------------------------------------
 
 @torch.library.custom_op("vnm::pack", mutates_args=())
@@ -107,6 +113,7 @@ def _pack_op(
     _require_kernel_dtype(values.dtype, "the weight")
     shapes = packed_shapes(pattern, R, K)
     dev = values.device
+    _same_device(dev, meta=meta, columns=columns, perm=perm)
     values_p = torch.empty(shapes["values"], dtype=values.dtype, device=dev)
     meta_p = torch.empty(shapes["meta"], dtype=torch.int32, device=dev)
     kidx = torch.empty(shapes["kidx"], dtype=torch.int32, device=dev)
@@ -149,6 +156,7 @@ def _unpack_op(
     p = Pattern.parse(pattern)
     shapes = storage_shapes(p, R, K)
     dev = values_p.device
+    _same_device(dev, meta_p=meta_p, kidx=kidx, perm=perm)
     values = torch.empty(shapes["values"], dtype=values_p.dtype, device=dev)
     meta = torch.empty(shapes["meta"], dtype=torch.uint8, device=dev)
     columns = torch.empty(shapes["columns"], dtype=torch.uint8, device=dev)
@@ -198,6 +206,7 @@ def _spmm_packed_into(
     """Writes ``x @ W.T (+ bias)`` into ``y`` (n x R, contiguous). ``path`` / ``force_gather``
     pick a kernel on CUDA for tests (0 automatic, 1 decode, 2 tiled)."""
     _require_kernel_dtype(x.dtype, "x")
+    _same_device(x.device, values_p=values_p, meta_p=meta_p, kidx=kidx, bias=bias, y=y)
     n = x.shape[0]
     if n == 0:
         return y
@@ -247,6 +256,7 @@ def _packed_to_dense_op(
     values_p: torch.Tensor, meta_p: torch.Tensor, kidx: torch.Tensor, pattern: str, R: int, K: int
 ) -> torch.Tensor:
     _require_kernel_dtype(values_p.dtype, "the packed weight")
+    _same_device(values_p.device, meta_p=meta_p, kidx=kidx)
     dense = torch.zeros((R, K), dtype=values_p.dtype, device=values_p.device)
     p = Pattern.parse(pattern)
     if values_p.device.type == "cuda":
