@@ -6,10 +6,11 @@
                                [--plot bench_spmm.png] [--reps 50] [--warmup 10]
 
 First a correctness pass (random data, NaN-poisoned outputs, compared with the C++ reference on
-the CPU), then timings: CUDA events around each call, the median of ``--reps`` after
-``--warmup`` calls, cycling through copies of the weights and inputs that together exceed twice
-the L2 cache. Writes a CSV (columns gpu,dtype,pattern,R,K,N,ms_vnm,ms_dense,ms_24,speedup_dense,
-speedup_24,tflops,gbps,kernel; the speedup table vnm.choose_pattern reads) and a plot of the
+the CPU), then timings: CUDA-graph replays of 20 calls cycling through copies of the weights and
+inputs that together exceed twice the L2 cache, timed with CUDA events, median over replays after
+warm-up (``--eager``: events around single calls instead; the CSV's ``timing`` column says which
+method each of vnm / dense / 2:4 got). Writes a CSV (columns gpu,dtype,pattern,R,K,N,ms_vnm,ms_dense,ms_24,speedup_dense,
+speedup_24,tflops,gbps,kernel,shape,timing; the speedup table vnm.choose_pattern reads) and a plot of the
 speedup over dense against N, one line per pattern (geometric mean over shapes).
 """
 
@@ -56,7 +57,8 @@ def random_mask(R: int, K: int, pattern: str, gen: torch.Generator) -> torch.Ten
     return mask.view(Rp, G * M)[:R, :K].contiguous()
 
 
-def median_ms(fn, sets: int, warmup: int, reps: int) -> float:
+def eager_ms(fn, sets: int, warmup: int, reps: int) -> float:
+    """Median of CUDA-event timings around single calls (includes any host-side gap)."""
     for i in range(warmup):
         fn(i % sets)
     start = torch.cuda.Event(enable_timing=True)
@@ -71,6 +73,45 @@ def median_ms(fn, sets: int, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, sets: int, warmup: int, reps: int, calls: int = 20) -> float:
+    """Per-call time from replays of a CUDA graph of `calls` calls cycling through the buffer
+    sets: no Python or launch overhead, which would otherwise dominate small layers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(max(warmup, sets)):
+            fn(i % sets)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for i in range(calls):
+            fn(i % sets)
+    for _ in range(3):
+        graph.replay()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(max(5, reps // 4)):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def median_ms(fn, sets: int, warmup: int, reps: int, use_graph: bool = True, out_bytes: int = 0):
+    """(ms, method): graph replay timing, or eager events where capture is not possible. Each
+    captured call keeps its output in the graph's pool: fewer calls for large outputs."""
+    if use_graph:
+        try:
+            calls = 20 if out_bytes < 64 * 2**20 else max(4, sets)
+            return graph_ms(fn, sets, warmup, reps, calls), "graph"
+        except Exception:  # noqa: BLE001 - e.g. a library that cannot be captured
+            torch.cuda.synchronize()
+    return eager_ms(fn, sets, warmup, reps), "eager"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="default")
@@ -82,6 +123,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--check-tokens", type=int, default=16, help="N of the correctness pass")
+    ap.add_argument("--eager", action="store_true", help="time single eager calls instead of CUDA-graph replays")
     args = ap.parse_args()
     if not (torch.cuda.is_available() and vnm.CUDA_BUILT):
         print("needs a CUDA GPU and vnm built with CUDA", file=sys.stderr)
@@ -102,11 +144,13 @@ def main() -> int:
 
     # ---- correctness first ---------------------------------------------------------------
     failures = 0
+    weights = {}  # (shape, pattern) -> VNMTensor on the CPU, reused for the timings
     for name, R, K in shapes:
         for pattern in args.patterns:
             w = torch.randn(R, K, generator=gen).to(dtype)
             mask = random_mask(R, K, pattern, gen)
             t = VNMTensor.from_dense(w, mask, pattern)
+            weights[(name, pattern)] = t
             x = torch.randn(args.check_tokens, K, generator=gen).to(dtype)
             bias = torch.randn(R, generator=gen).to(dtype)
             ref = vnm.spmm(t, x, bias).double()  # C++ reference on the CPU
@@ -125,7 +169,7 @@ def main() -> int:
     # ---- timings ---------------------------------------------------------------------------
     rows = []
     cols = ["gpu", "dtype", "pattern", "R", "K", "N", "ms_vnm", "ms_dense", "ms_24", "speedup_dense",
-            "speedup_24", "tflops", "gbps", "kernel", "shape"]
+            "speedup_24", "tflops", "gbps", "kernel", "shape", "timing"]
     out = open(args.out, "w", newline="")  # written row by row: a cut-short run keeps its rows
     writer = csv.DictWriter(out, fieldnames=cols)
     writer.writeheader()
@@ -149,25 +193,26 @@ def main() -> int:
             w24 = None
         packs = {}
         for pattern in args.patterns:
-            w = torch.randn(R, K, generator=gen).to(dtype)
-            t = VNMTensor.from_dense(w, random_mask(R, K, pattern, gen), pattern)
-            p0 = cuda_ops.pack(t.to(dev))
+            p0 = cuda_ops.pack(weights[(name, pattern)].to(dev))
             packs[pattern] = [p0] + [cuda_ops.PackedVNM(p0.values.clone(), p0.meta.clone(), p0.kidx.clone(),
                                                           pattern, (R, K), validate=False) for _ in range(wsets - 1)]
         for N in args.tokens:
             xn = [x[:N] for x in xs]
             sets = max(wsets, xsets)
-            ms_dense = median_ms(lambda i: torch.matmul(xn[i % xsets], dense_w[i % wsets].T), sets, args.warmup, args.reps)
-            ms_24 = float("nan")
+            g = not args.eager
+            ms_dense, how_dense = median_ms(lambda i: torch.matmul(xn[i % xsets], dense_w[i % wsets].T),
+                                            sets, args.warmup, args.reps, g, N * R * 2)
+            ms_24, how_24 = float("nan"), "-"
             if w24 is not None:
                 try:
-                    ms_24 = median_ms(lambda i: torch.nn.functional.linear(xn[i % xsets], w24[i % wsets]),
-                                      sets, args.warmup, args.reps)
+                    ms_24, how_24 = median_ms(lambda i: torch.nn.functional.linear(xn[i % xsets], w24[i % wsets]),
+                                              sets, args.warmup, args.reps, g, N * R * 2)
                 except Exception as exc:  # noqa: BLE001
                     print(f"# 2:4 linear failed at N={N}: {exc}".splitlines()[0])
             for pattern in args.patterns:
                 ps = packs[pattern]
-                ms = median_ms(lambda i: cuda_ops.spmm_packed(ps[i % wsets], xn[i % xsets]), sets, args.warmup, args.reps)
+                ms, how = median_ms(lambda i: cuda_ops.spmm_packed(ps[i % wsets], xn[i % xsets]),
+                                    sets, args.warmup, args.reps, g, N * R * 2)
                 path, bm, contig = _C.cuda_plan(vnm.Pattern.parse(pattern), R, K, N, False)
                 kern = f"{'d' if path == 1 else 't'}{bm}{'c' if contig else 'g'}"
                 flops = 2.0 * N * R * K
@@ -177,6 +222,7 @@ def main() -> int:
                     "ms_vnm": ms, "ms_dense": ms_dense, "ms_24": ms_24,
                     "speedup_dense": ms_dense / ms, "speedup_24": ms_24 / ms,
                     "tflops": flops / (ms * 1e9), "gbps": nbytes / (ms * 1e6), "kernel": kern, "shape": name,
+                    "timing": f"{how}/{how_dense}/{how_24}",
                 }
                 rows.append(row)
                 writer.writerow(row)

@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_check.sh            (from the repository root; OUT defaults to ./gpu_check_out)
 # Environment: PYTHON (default python3), CUDA_ARCH (default: the GPU's, e.g. 90), QUICK=1 (fewer
-# benchmark repetitions).
+# benchmark repetitions), BUDGET (seconds for everything, default 540).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -19,10 +19,18 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 declare -a ROWS
 
+BUDGET=${BUDGET:-540}  # seconds for the whole run: every step's limit is cut to what is left
+
 step() {  # step NAME LIMIT_S LOG CMD...: runs CMD with a time limit, appends to LOG, records rc
   local name=$1 limit=$2 log=$3
   shift 3
   local t0=$(date +%s)
+  local left=$(( BUDGET - (t0 - START) - 10 ))
+  if [ "$left" -lt 15 ]; then
+    ROWS+=("$(printf '%-22s %-16s' "$name" 'SKIPPED(no time)')")
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "===== $name: $*" >> "$log"
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
@@ -58,21 +66,21 @@ echo "CUDA arch ${ARCH}; cuBLAS root: ${CUBLAS_ROOT:-not found (C++ benchmark no
 # ---- 1. build (pip, in place of any earlier install) ----------------------------------------
 rm -f python/vnm/_C*.so  # tests must import the fresh install, not a stale in-place build
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-step build 300 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps --no-index -v . \
+step build 240 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps --no-index -v . \
   -Cbuild-dir=build/gpu -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="${ARCH}-real" \
   -Ccmake.define.VNM_CUDA_RESOURCE_USAGE=ON ${CUBLAS_ROOT:+-Ccmake.define.VNM_CUBLAS_ROOT="$CUBLAS_ROOT"}
 $PY -c "import vnm; print('vnm', vnm.__file__, 'CUDA_BUILT', vnm.CUDA_BUILT)" >> "$OUT/build.log" 2>&1
 
 # ---- 2. tests ------------------------------------------------------------------------------
-step tests 200 "$OUT/tests.log" $PY -m pytest -q -p no:logging -rs tests/test_cuda.py \
+step tests 180 "$OUT/tests.log" $PY -m pytest -q -p no:logging -rs tests/test_cuda.py \
   tests/test_mma_model.py tests/test_spmm.py tests/test_tensor.py
 TESTS_LINE=$(grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1)
 
 # ---- 3. compute-sanitizer ------------------------------------------------------------------
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$SAN" ]; then
-  step memcheck 100 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
-  step racecheck 100 "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --quick
+  step memcheck 60 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 1 $PY bench/sanitize_cases.py
+  step racecheck 45 "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 1 $PY bench/sanitize_cases.py --quick
 else
   echo "compute-sanitizer not found" >> "$OUT/sanitizer.log"
   ROWS+=("$(printf '%-22s %-16s' sanitizer 'SKIPPED(missing)')")
@@ -105,12 +113,12 @@ REPS=${QUICK:+10}
 REPS=${REPS:-30}
 BIN=build/gpu/bench/vnm_bench_spmm
 if [ -x "$BIN" ]; then
-  step bench_cpp 120 "$OUT/bench.log" "$BIN" --reps "$REPS" --warmup 5
+  step bench_cpp 100 "$OUT/bench.log" "$BIN" --reps "$REPS" --warmup 5
 else
   echo "C++ benchmark not built (no cuBLAS found)" >> "$OUT/bench.log"
   ROWS+=("$(printf '%-22s %-16s' bench_cpp 'SKIPPED(no cuBLAS)')")
 fi
-step bench_py 150 "$OUT/bench.log" $PY bench/bench_spmm.py --reps "$REPS" --warmup 5 \
+step bench_py 200 "$OUT/bench.log" $PY bench/bench_spmm.py --reps "$REPS" --warmup 5 \
   --out "$OUT/bench_spmm.csv" --plot "$OUT/bench_spmm.png"
 
 # ---- summary -------------------------------------------------------------------------------
