@@ -112,6 +112,8 @@ __device__ __forceinline__ uint4 ld_ro_v4(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// Two 16-bit values into one mma operand register, the lower-k (or first) one in bits 15:0 as
+// the fragment layouts require.
 __device__ __forceinline__ uint32_t pack16(uint16_t lo, uint16_t hi) {
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }

@@ -34,6 +34,7 @@
 
 namespace vnm::cuda::dev {
 
+// T: element type traits (F16 / BF16: the mma.sp variant and the epilogue conversions).
 template <class T>
 __global__ void __launch_bounds__(sp::kDecodeWarps * sp::kWarp)
     spmm_decode_kernel(const KernelArgs a) {
@@ -135,6 +136,8 @@ __global__ void __launch_bounds__(sp::kDecodeWarps * sp::kWarp)
   }
 }
 
+// T: element type traits (F16 / BF16). S: the CTA tile, an sp::TileShape (rows BM, tokens BN,
+// warps WARPS_M x WARPS_N each owning WM x WN mma tiles, STAGES-deep A/metadata pipeline).
 template <class T, class S>
 __global__ void __launch_bounds__(S::THREADS) spmm_tiled_kernel(const KernelArgs a) {
   using namespace vnm::sp;
