@@ -5,9 +5,11 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-python3}
+# An absolute path, without resolving symlinks (a venv's python is a symlink to the base one).
+case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; *) py=$(command -v "$py") ;; esac
 build="$root/build/dev"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVNM_BUILD_PYTHON=ON \
-  -DPython_EXECUTABLE="$(command -v "$py")" ${VNM_CMAKE_ARGS:-} >/dev/null
+  -DPython_EXECUTABLE="$py" ${VNM_CMAKE_ARGS:-} >/dev/null
 cmake --build "$build" -j "$(nproc)"
 cp "$build"/_C*.so "$root/python/vnm/"
 echo "built $(ls "$root"/python/vnm/_C*.so)"

@@ -15,6 +15,8 @@
 
 #include "vnm/core.h"
 #include "vnm/format.h"
+#include "vnm/mma_model.h"
+#include "vnm/pack.h"
 #include "vnm/parallel.h"
 
 #ifdef VNM_WITH_CUDA
@@ -65,7 +67,182 @@ const void* optional_any(const Any& a, int64_t count, vnm::DType t, const char* 
   return a.data();
 }
 
+vnm::DType to_dtype16(int code) {
+  const vnm::DType t = to_dtype(code);
+  if (t == vnm::DType::f32)
+    throw nb::type_error("the packed (mma.sp) layout holds float16 or bfloat16 values; cast the "
+                         "weight with .half() or .bfloat16() first");
+  return t;
+}
+
+// Geometry of the packed form, checked against the canonical layout rules.
+vnm::sp::PackedGeom geom_of(const vnm::Pattern& p, int64_t R, int64_t K) {
+  return vnm::packed_geom(vnm::Layout(p, R, K));
+}
+
+template <typename A>
+void expect_packed(const vnm::sp::PackedGeom& g, const A& values_p, const A& meta_p,
+                   const A& kidx) {
+  expect(values_p, g.values_count(), 2, "packed values");
+  expect(meta_p, g.meta_words(), 4, "packed meta");
+  expect(kidx, g.kidx_count(), 4, "packed kidx");
+}
+
 }  // namespace
+
+#ifdef VNM_WITH_CUDA
+namespace {
+
+// CUDA tensors cross as DLPack capsules made with __dlpack__(stream=-1): no synchronisation with
+// the legacy default stream, so launches stay on the caller's stream and inside CUDA graphs.
+using Cuda = nb::ndarray<nb::device::cuda, nb::c_contig>;
+
+// Turns a vnm::cuda status into the Python exception that names the fix.
+void check_status(int st) {
+  if (st == vnm::cuda::kOk) return;
+  const std::string msg = vnm::cuda::last_error();
+  switch (st) {
+    case vnm::cuda::kUnsupportedDtype: throw nb::type_error(msg.c_str());
+    case vnm::cuda::kInvalidArgument:
+    case vnm::cuda::kMisaligned: throw std::invalid_argument(msg);
+    default: throw std::runtime_error(msg);
+  }
+}
+
+template <typename A>
+const void* cuda_ptr(const A& a, int device, const char* what) {
+  if (a.device_id() != device)
+    throw std::invalid_argument(std::string(what) + " is on cuda:" + std::to_string(a.device_id()) +
+                                ", the others on cuda:" + std::to_string(device));
+  return a.data();
+}
+
+void bind_cuda(nb::module_& m) {
+  m.def("cuda_device_count", &vnm::cuda::device_count, "CUDA devices visible to vnm's kernels.");
+
+  m.def("cuda_spmm", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
+                        const Cuda& values_p, const Cuda& meta_p, const Cuda& kidx, bool has_perm,
+                        const Cuda& x, int64_t n_tokens, const Cuda& bias, Cuda y, int device,
+                        uintptr_t stream, int path, bool force_gather) {
+    vnm::cuda::SpmmParams q;
+    q.geom = geom_of(p, R, K);
+    q.dtype = dtype;
+    expect_packed(q.geom, values_p, meta_p, kidx);
+    expect(x, n_tokens * K, 2, "x");
+    expect(y, n_tokens * R, 2, "y");
+    q.values_p = cuda_ptr(values_p, device, "packed values");
+    q.meta_p = static_cast<const uint32_t*>(cuda_ptr(meta_p, device, "packed meta"));
+    q.kidx = static_cast<const int32_t*>(cuda_ptr(kidx, device, "packed kidx"));
+    q.has_perm = has_perm;
+    q.x = cuda_ptr(x, device, "x");
+    q.n_tokens = n_tokens;
+    q.ldx = K;
+    if (bias.is_valid()) {
+      expect(bias, R, 2, "bias");
+      q.bias = cuda_ptr(bias, device, "bias");
+    }
+    q.y = const_cast<void*>(cuda_ptr(y, device, "y"));
+    q.ldy = R;
+    q.device = device;
+    q.stream = reinterpret_cast<void*>(stream);
+    q.path = path;
+    q.force_gather = force_gather;
+    int st;
+    {
+      nb::gil_scoped_release release;
+      st = vnm::cuda::spmm(q);
+    }
+    check_status(st);
+  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "has_perm"_a,
+        "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a, "device"_a, "stream"_a, "path"_a = 0,
+        "force_gather"_a = false, "y = x @ W^T (+ bias) on the GPU from the packed arrays.");
+
+  m.def("cuda_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
+                        bool has_perm) {
+    vnm::cuda::SpmmParams q;
+    q.geom = geom_of(p, R, K);
+    q.n_tokens = n_tokens;
+    q.has_perm = has_perm;
+    q.ldx = K;
+    alignas(16) static const unsigned char dummy[16] = {};  // an aligned stand-in for x
+    q.x = dummy;
+    const vnm::cuda::Plan pl = vnm::cuda::plan(q);
+    return nb::make_tuple(pl.path, pl.bm, pl.contiguous_b);
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "has_perm"_a,
+        "(path, row tile, contiguous B) the dispatch picks for an aligned x.");
+
+  m.def("cuda_pack", [](const vnm::Pattern& p, int64_t R, int64_t K, const Cuda& values,
+                        const Cuda& meta, const Cuda& columns, const Cuda& perm, Cuda values_p,
+                        Cuda meta_p, Cuda kidx, int device, uintptr_t stream) {
+    const vnm::Layout L(p, R, K);
+    vnm::cuda::PackParams q;
+    q.geom = vnm::packed_geom(L);
+    expect(values, L.values_count(), 2, "values");
+    expect(meta, L.meta_bytes(), 1, "meta");
+    expect(columns, L.columns_bytes(), 1, "columns");
+    expect_packed(q.geom, values_p, meta_p, kidx);
+    q.values = static_cast<const uint16_t*>(cuda_ptr(values, device, "values"));
+    q.meta = static_cast<const uint8_t*>(cuda_ptr(meta, device, "meta"));
+    q.columns = static_cast<const uint8_t*>(cuda_ptr(columns, device, "columns"));
+    if (perm.is_valid()) {
+      expect(perm, K, 4, "perm");
+      q.perm = static_cast<const int32_t*>(cuda_ptr(perm, device, "perm"));
+    }
+    q.values_p = static_cast<uint16_t*>(const_cast<void*>(cuda_ptr(values_p, device, "values_p")));
+    q.meta_p = static_cast<uint32_t*>(const_cast<void*>(cuda_ptr(meta_p, device, "meta_p")));
+    q.kidx = static_cast<int32_t*>(const_cast<void*>(cuda_ptr(kidx, device, "kidx")));
+    q.device = device;
+    q.stream = reinterpret_cast<void*>(stream);
+    check_status(vnm::cuda::pack(q));
+  }, "pattern"_a, "R"_a, "K"_a, "values"_a, "meta"_a, "columns"_a, "perm"_a.none(),
+        "values_p"_a, "meta_p"_a, "kidx"_a, "device"_a, "stream"_a);
+
+  m.def("cuda_unpack", [](const vnm::Pattern& p, int64_t R, int64_t K, const Cuda& values_p,
+                          const Cuda& meta_p, const Cuda& kidx, const Cuda& inv_perm, Cuda values,
+                          Cuda meta, Cuda columns, int device, uintptr_t stream) {
+    const vnm::Layout L(p, R, K);
+    vnm::cuda::UnpackParams q;
+    q.geom = vnm::packed_geom(L);
+    expect_packed(q.geom, values_p, meta_p, kidx);
+    expect(values, L.values_count(), 2, "values");
+    expect(meta, L.meta_bytes(), 1, "meta");
+    expect(columns, L.columns_bytes(), 1, "columns");
+    q.values_p = static_cast<const uint16_t*>(cuda_ptr(values_p, device, "values_p"));
+    q.meta_p = static_cast<const uint32_t*>(cuda_ptr(meta_p, device, "meta_p"));
+    q.kidx = static_cast<const int32_t*>(cuda_ptr(kidx, device, "kidx"));
+    if (inv_perm.is_valid()) {
+      expect(inv_perm, K, 4, "inv_perm");
+      q.inv_perm = static_cast<const int32_t*>(cuda_ptr(inv_perm, device, "inv_perm"));
+    }
+    q.values = static_cast<uint16_t*>(const_cast<void*>(cuda_ptr(values, device, "values")));
+    q.meta = static_cast<uint8_t*>(const_cast<void*>(cuda_ptr(meta, device, "meta")));
+    q.columns = static_cast<uint8_t*>(const_cast<void*>(cuda_ptr(columns, device, "columns")));
+    q.device = device;
+    q.stream = reinterpret_cast<void*>(stream);
+    check_status(vnm::cuda::unpack(q));
+  }, "pattern"_a, "R"_a, "K"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "inv_perm"_a.none(),
+        "values"_a, "meta"_a, "columns"_a, "device"_a, "stream"_a);
+
+  m.def("cuda_packed_to_dense", [](const vnm::Pattern& p, int64_t R, int64_t K,
+                                   const Cuda& values_p, const Cuda& meta_p, const Cuda& kidx,
+                                   Cuda dense, int device, uintptr_t stream) {
+    vnm::cuda::DenseParams q;
+    q.geom = geom_of(p, R, K);
+    expect_packed(q.geom, values_p, meta_p, kidx);
+    expect(dense, R * K, 2, "dense");
+    q.values_p = static_cast<const uint16_t*>(cuda_ptr(values_p, device, "values_p"));
+    q.meta_p = static_cast<const uint32_t*>(cuda_ptr(meta_p, device, "meta_p"));
+    q.kidx = static_cast<const int32_t*>(cuda_ptr(kidx, device, "kidx"));
+    q.dense = static_cast<uint16_t*>(const_cast<void*>(cuda_ptr(dense, device, "dense")));
+    q.device = device;
+    q.stream = reinterpret_cast<void*>(stream);
+    check_status(vnm::cuda::packed_to_dense(q));
+  }, "pattern"_a, "R"_a, "K"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "dense"_a, "device"_a,
+        "stream"_a);
+}
+
+}  // namespace
+#endif
 
 NB_MODULE(_C, m) {
   m.doc() = "vnm C++ core: V:N:M format, mask selection, reference SpMM";
@@ -186,6 +363,161 @@ NB_MODULE(_C, m) {
   }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values"_a, "meta"_a, "columns"_a, "perm"_a.none(),
         "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a);
 
+  // ---- packed (mma.sp kernel) layout, CPU versions ------------------------------------------
+
+  m.def("packed_layout", [](const vnm::Pattern& p, int64_t R, int64_t K) {
+    const vnm::sp::PackedGeom g = geom_of(p, R, K);
+    nb::dict d;
+    d["MT"] = g.MT;
+    d["KS"] = g.KS;
+    d["Gp"] = g.Gp;
+    d["KB"] = g.KB;
+    d["values"] = nb::make_tuple(g.MT, g.KS, vnm::sp::kWarp, 8);
+    d["meta"] = nb::make_tuple(g.MT, g.KS, 16);
+    d["kidx"] = nb::make_tuple(g.KB, g.Gp, 4);
+    return d;
+  }, "pattern"_a, "R"_a, "K"_a, "Shapes of the packed arrays (see vnm/sp_layout.h).");
+
+  m.def("pack", [](const vnm::Pattern& p, int64_t R, int64_t K, const Any& values, const U8& meta,
+                   const U8& columns, const I32& perm, Any values_p, Any meta_p, Any kidx) {
+    const vnm::Layout L(p, R, K);
+    const vnm::sp::PackedGeom g = vnm::packed_geom(L);
+    expect(values, L.values_count(), 2, "values");
+    expect(meta, L.meta_bytes(), 1, "meta");
+    expect(columns, L.columns_bytes(), 1, "columns");
+    expect_packed(g, values_p, meta_p, kidx);
+    const int32_t* perm_ptr = optional_i32(perm, K, "perm");
+    nb::gil_scoped_release release;
+    vnm::pack(g, static_cast<const uint16_t*>(values.data()), meta.data(), columns.data(), perm_ptr,
+              static_cast<uint16_t*>(values_p.data()), static_cast<uint32_t*>(meta_p.data()),
+              static_cast<int32_t*>(kidx.data()));
+  }, "pattern"_a, "R"_a, "K"_a, "values"_a, "meta"_a, "columns"_a, "perm"_a.none(), "values_p"_a,
+        "meta_p"_a, "kidx"_a, "Canonical storage -> packed arrays (16-bit values as raw bits).");
+
+  m.def("unpack", [](const vnm::Pattern& p, int64_t R, int64_t K, const Any& values_p,
+                     const Any& meta_p, const Any& kidx, const I32& inv_perm, Any values, U8 meta,
+                     U8 columns) {
+    const vnm::Layout L(p, R, K);
+    const vnm::sp::PackedGeom g = vnm::packed_geom(L);
+    expect_packed(g, values_p, meta_p, kidx);
+    expect(values, L.values_count(), 2, "values");
+    expect(meta, L.meta_bytes(), 1, "meta");
+    expect(columns, L.columns_bytes(), 1, "columns");
+    const int32_t* inv = optional_i32(inv_perm, K, "inv_perm");
+    nb::gil_scoped_release release;
+    vnm::unpack(g, static_cast<const uint16_t*>(values_p.data()),
+                static_cast<const uint32_t*>(meta_p.data()),
+                static_cast<const int32_t*>(kidx.data()), inv,
+                static_cast<uint16_t*>(values.data()), meta.data(), columns.data());
+  }, "pattern"_a, "R"_a, "K"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "inv_perm"_a.none(),
+        "values"_a, "meta"_a, "columns"_a, "Packed arrays -> canonical storage.");
+
+  m.def("spmm_packed", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
+                          const Any& values_p, const Any& meta_p, const Any& kidx, const Any& x,
+                          int64_t n_tokens, const Any& bias, Any y) {
+    const vnm::DType t = to_dtype16(dtype);
+    const vnm::sp::PackedGeom g = geom_of(p, R, K);
+    expect_packed(g, values_p, meta_p, kidx);
+    expect(x, n_tokens * K, 2, "x");
+    expect(y, n_tokens * R, 2, "y");
+    const void* bias_ptr = optional_any(bias, R, t, "bias");
+    nb::gil_scoped_release release;
+    vnm::spmm_packed_reference(g, t, static_cast<const uint16_t*>(values_p.data()),
+                               static_cast<const uint32_t*>(meta_p.data()),
+                               static_cast<const int32_t*>(kidx.data()), x.data(), n_tokens,
+                               bias_ptr, y.data());
+  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "x"_a,
+        "n_tokens"_a, "bias"_a.none(), "y"_a, "Reference SpMM straight from the packed arrays.");
+
+  m.def("packed_to_dense", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
+                              const Any& values_p, const Any& meta_p, const Any& kidx, Any dense) {
+    const vnm::DType t = to_dtype16(dtype);
+    const vnm::sp::PackedGeom g = geom_of(p, R, K);
+    expect_packed(g, values_p, meta_p, kidx);
+    expect(dense, R * K, 2, "dense");
+    nb::gil_scoped_release release;
+    vnm::packed_to_dense(g, t, static_cast<const uint16_t*>(values_p.data()),
+                         static_cast<const uint32_t*>(meta_p.data()),
+                         static_cast<const int32_t*>(kidx.data()), dense.data());
+  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "dense"_a,
+        "Dense R x K matrix in x's column order (perm folded in).");
+
+  // Test hooks: the CPU model of mma.sp and the kernel emulations (vnm/mma_model.h).
+  m.def("_mma_sp_model", [](int dtype, const Any& a, const Any& b, const Any& e, int selector,
+                            Any acc) {
+    const vnm::DType t = to_dtype16(dtype);
+    expect(a, 128, 4, "a");
+    expect(b, 128, 4, "b");
+    expect(e, 32, 4, "e");
+    expect(acc, 128, 4, "acc");
+    return vnm::sp::mma_sp_m16n8k32(t, static_cast<const uint32_t(*)[4]>(a.data()),
+                                    static_cast<const uint32_t(*)[4]>(b.data()),
+                                    static_cast<const uint32_t*>(e.data()), selector,
+                                    static_cast<float(*)[4]>(acc.data()));
+  }, "dtype"_a, "a"_a, "b"_a, "e"_a, "selector"_a, "acc"_a,
+        "One warp of mma.sp m16n8k32 on lane registers a[32][4], b[32][4], e[32]; acc[32][4] "
+        "(fp32) in and out. Returns '' or the invalid metadata found.");
+
+  m.def("_emulate_spmm", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
+                            const Any& values_p, const Any& meta_p, const Any& kidx, const Any& x,
+                            int64_t n_tokens, const Any& bias, Any y, int path, bool contiguous_b) {
+    const vnm::DType t = to_dtype16(dtype);
+    const vnm::sp::PackedGeom g = geom_of(p, R, K);
+    expect_packed(g, values_p, meta_p, kidx);
+    expect(x, n_tokens * K, 2, "x");
+    expect(y, n_tokens * R, 2, "y");
+    const void* bias_ptr = optional_any(bias, R, t, "bias");
+    if (path < 0 || path > 2) throw std::invalid_argument("path must be 0, 1 or 2");
+    nb::gil_scoped_release release;
+    return vnm::sp::emulate_spmm(g, t, static_cast<const uint16_t*>(values_p.data()),
+                                 static_cast<const uint32_t*>(meta_p.data()),
+                                 static_cast<const int32_t*>(kidx.data()), x.data(), n_tokens, K,
+                                 bias_ptr, y.data(), R, static_cast<vnm::sp::Path>(path),
+                                 contiguous_b);
+  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "x"_a,
+        "n_tokens"_a, "bias"_a.none(), "y"_a, "path"_a, "contiguous_b"_a,
+        "Runs the CUDA kernel's logic on the CPU (path 0 auto, 1 decode, 2 tiled). Returns '' "
+        "or the first problem the model of mma.sp found.");
+
+  m.def("_fragment_maps", []() {
+    // Every PTX-fact index function of sp_layout.h, tabulated for the tests to check against
+    // the ISA's formulas: lists of (lane, i, ...) tuples.
+    nb::list a, b, c, meta;
+    for (int lane = 0; lane < vnm::sp::kWarp; ++lane) {
+      for (int i = 0; i < 8; ++i) {
+        const vnm::sp::AElem ea = vnm::sp::a_elem(lane, i);
+        a.append(nb::make_tuple(lane, i, ea.row, ea.chunk, ea.slot));
+        const vnm::sp::BElem eb = vnm::sp::b_elem(lane, i);
+        b.append(nb::make_tuple(lane, i, eb.k, eb.n));
+      }
+      for (int i = 0; i < 4; ++i) {
+        const vnm::sp::CElem ec = vnm::sp::c_elem(lane, i);
+        c.append(nb::make_tuple(lane, i, ec.row, ec.n));
+      }
+    }
+    for (int row = 0; row < 16; ++row)
+      for (int chunk = 0; chunk < 8; ++chunk)
+        meta.append(nb::make_tuple(row, chunk, vnm::sp::meta_lane(row, chunk, 0),
+                                   vnm::sp::meta_shift(row, chunk)));
+    nb::list words;
+    for (int lane = 0; lane < vnm::sp::kWarp; ++lane)
+      words.append(vnm::sp::meta_word_of_lane(lane));
+    nb::dict d;
+    d["a"] = a;
+    d["b"] = b;
+    d["c"] = c;
+    d["meta"] = meta;
+    d["meta_word_of_lane"] = words;
+    return d;
+  }, "The fragment maps of vnm/sp_layout.h (test hook).");
+
+  m.def("_kernel_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens) {
+    const vnm::sp::PackedGeom g = geom_of(p, R, K);
+    const vnm::sp::Path path = vnm::sp::choose_path(g, n_tokens);
+    return nb::make_tuple(int(path), path == vnm::sp::Path::tiled ? vnm::sp::tiled_bm(g) : 16);
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "(path, row tile) the dispatch picks: path 1 "
+        "decode, 2 tiled.");
+
   // Test hook: converts n elements between dtypes with the core's conversions (load_as_float,
   // store_from_float), so tests can compare them with torch's rounding on every bit pattern.
   m.def("_cast", [](const Any& src, int src_dtype, Any dst, int dst_dtype) {
@@ -203,6 +535,7 @@ NB_MODULE(_C, m) {
 
 #ifdef VNM_WITH_CUDA
   m.attr("cuda_built") = true;
+  bind_cuda(m);
 #else
   m.attr("cuda_built") = false;
 #endif

@@ -1,8 +1,9 @@
 """``vnm.spmm``: y = x @ W.T (+ bias) with W in V:N:M storage.
 
-The work is a ``torch.library`` custom op (``vnm::spmm``, with a fake implementation), so it runs
-under ``torch.compile`` and inside CUDA graphs. CPU tensors go to the C++ reference; CUDA tensors
-to the ``mma.sp`` kernel when the package was built with CUDA.
+The work is a ``torch.library`` custom op with a fake implementation, so it runs under
+``torch.compile`` and inside CUDA graphs. CPU tensors go to the C++ reference (``vnm::spmm``);
+CUDA tensors to the ``mma.sp`` kernel (``vnm::spmm_packed``, see ``vnm.cuda_ops``) on the packed
+layout, built once per VNMTensor and cached on it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _spmm_op(
     if n == 0:
         return y
     if x.device.type == "cuda":
-        from . import cuda_ops  # noqa: PLC0415 - only present in CUDA builds
+        from . import cuda_ops  # noqa: PLC0415
 
         return cuda_ops.spmm_cuda(x, values, meta, columns, perm, bias, pattern, R, K, y)
     _C.spmm(
@@ -97,27 +98,30 @@ def spmm(w: VNMTensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
     """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., K)``, straight from the compressed storage.
 
     fp32 accumulation, output in ``x``'s dtype. With ``w.perm`` the stored matrix multiplies
-    ``x[..., perm]``. ``x``, ``bias`` and ``w`` must share dtype and device.
+    ``x[..., perm]``. ``x``, ``bias`` and ``w`` must share dtype and device. On a GPU the
+    ``mma.sp`` kernel reads a packed layout: it is built on the first call and cached on ``w``.
     """
     if not isinstance(w, VNMTensor):
         raise TypeError(f"w must be a vnm.VNMTensor (see VNMTensor.from_dense), got {type(w).__name__}")
-    return spmm_storage(x, w.values, w.meta, w.columns, w.perm, bias, w.pattern_text, w.shape[0], w.shape[1])
+    R, K = w.shape
+    check_spmm_inputs(x, w.values, bias, R, K)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    if x2.device.type == "cuda":
+        from . import cuda_ops  # noqa: PLC0415
+
+        cuda_ops._require_kernel_dtype(x2.dtype, "x")
+        cuda_ops._require_cuda_build()
+        p = cuda_ops.packed_for(w)
+        y = torch.ops.vnm.spmm_packed(x2, p.values, p.meta, p.kidx, bias, w.pattern_text, R, K, p.has_perm)
+    else:
+        y = _spmm_op(x2, w.values, w.meta, w.columns, w.perm, bias, w.pattern_text, R, K)
+    return y.reshape(*lead, R)
 
 
-def spmm_storage(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    meta: torch.Tensor,
-    columns: torch.Tensor,
-    perm: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    pattern: str,
-    R: int,
-    K: int,
-) -> torch.Tensor:
-    """:func:`spmm` on the canonical arrays of an R x K matrix (what ``VNMLinear.forward`` calls).
-    Checks the inputs a user controls (x, bias); the storage is trusted. Traceable by
-    ``torch.compile`` (no calls into the compiled core at trace time)."""
+def check_spmm_inputs(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], R: int, K: int) -> None:
+    """The checks on what a user passes to a sparse product (x, bias) against an R x K weight whose
+    values are ``values``. Plain torch attribute reads: traceable by ``torch.compile``."""
     require_tensor(x, "x")
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(
@@ -136,7 +140,22 @@ def spmm_storage(
             raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}; cast it with bias.to({x.dtype})")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+
+
+def spmm_storage(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    columns: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    pattern: str,
+    R: int,
+    K: int,
+) -> torch.Tensor:
+    """:func:`spmm` on the canonical arrays of an R x K matrix, through the ``vnm::spmm`` op (on
+    a GPU that op packs into temporaries on every call: modules keep the packed form instead)."""
+    check_spmm_inputs(x, values, bias, R, K)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
-    y = _spmm_op(x2, values, meta, columns, perm, bias, pattern, R, K)
+    y = _spmm_op(x.reshape(-1, K).contiguous(), values, meta, columns, perm, bias, pattern, R, K)
     return y.reshape(*lead, R)

@@ -61,8 +61,9 @@ class VNMTensor:
     """
 
     # pattern_text caches str(pattern): the forward path must not call into the nanobind Pattern,
-    # which torch.compile cannot trace.
-    __slots__ = ("values", "meta", "columns", "perm", "pattern", "pattern_text", "shape")
+    # which torch.compile cannot trace. _packed caches the CUDA kernel layout
+    # (vnm.cuda_ops.packed_for), built on the first vnm.spmm with CUDA tensors.
+    __slots__ = ("values", "meta", "columns", "perm", "pattern", "pattern_text", "shape", "_packed")
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class VNMTensor:
         self.pattern_text = str(self.pattern)
         self.shape = torch.Size((int(shape[0]), int(shape[1])))
         self.values, self.meta, self.columns, self.perm = values, meta, columns, perm
+        self._packed = None
         if validate:
             self._validate()
 

@@ -1,0 +1,340 @@
+// The mma.sp kernel layout ("packed" form) and the PTX fragment facts it rests on.
+//
+// Everything here is a __host__ __device__ inline function (VNM_HD), compiled into the CUDA
+// kernels AND into the CPU packing code and the CPU model of mma.sp (cpp/src/pack.cpp,
+// cpp/src/mma_model.cpp). CI has no GPU: it runs the CPU model over the very index functions
+// the kernels use, so a wrong mapping fails CI, not only a GPU test.
+//
+// ---- 1. PTX facts: mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{f16,bf16} ----
+// (PTX ISA, "Matrix Fragments for sparse mma.m16n8k32 with .f16 and .bf16 types", section
+// warp-level-matrix-fragment-sparse-mma-16832-f16bf16; lane = %laneid, g = lane >> 2 (groupID),
+// t = lane & 3 (threadID_in_group).)
+//  A (16 x 32, 2:4 along k, stored as 16 x 16): 4 .b32 registers = a0..a7 (low half first).
+//      row(a_i)   = g          for i in {0,1,4,5},   g + 8 otherwise
+//      chunk(a_i) = t          for i < 4,            t + 4 for i >= 4   (chunk = 4 columns of k)
+//      a_i is the (i & 1)-th non-zero of its chunk (the one whose index sits in the low 2 bits
+//      of the chunk's metadata nibble for i & 1 == 0, in bits 2-3 otherwise).
+//  B (32 x 8): 4 .b32 registers = b0..b7: k(b_i) = 2t + (i & 1) + 8 (i >> 1), n(b_i) = g.
+//  C/D (16 x 8 fp32): c0..c3: row = g + 8 (i >> 1), n = 2t + (i & 1).
+//  Metadata e (.b32): with sparsity selector 0 (the only one used here; m16n8k32 f16/bf16
+//      allows 0 and 1) lanes with t in {0, 1} supply it; lane (g, t) holds in bits [15:0] row g
+//      and in bits [31:16] row g + 8, for chunks 4t .. 4t+3, chunk j of the four in nibble j
+//      (bits 4j..4j+3). A nibble is (idx0 | idx1 << 2), the positions of the two non-zeros in
+//      their chunk of 4; ::ordered_metadata requires idx0 < idx1. 0b0000, 0b0101, 0b1010 and
+//      0b1111 are invalid (undefined behaviour), so padding uses 0b0100 (positions 0 and 1).
+//  ldmatrix.sync.aligned.m8n8.x4.shared.b16 (no .trans): lanes 8m..8m+7 give the row addresses
+//      of matrix m; lane l receives in register m the elements (row l >> 2, columns
+//      2 (l & 3), 2 (l & 3) + 1) of matrix m.
+// These were read from the PTX ISA text and cross-checked with two public users that ran them on
+// GPUs (LLVM's mlir sparse-mma-2-4-f16.mlir integration test, whose expected output the CPU model
+// reproduces in tests/test_mma_model.py, and Triton/XLA's SparseDot lowering for the metadata).
+//
+// ---- 2. The packed (kernel) layout, private to the kernels ------------------------------------
+// Derived from the canonical storage of format.h by vnm::pack (CPU) / vnm::cuda::pack (GPU) and
+// inverted by unpack. With R' padded rows, G groups, M the pattern's M:
+//   MT = R' / 16 row tiles, KS = ceil(G / 8) k-steps (one k-step = 8 groups = the 32 logical
+//   k of one mma.sp), Gp = 8 KS padded groups.
+//   values_p  [MT][KS][32][8]  16-bit  lane l's 8 A elements a0..a7 of tile (mt, ks): ONE 16-byte
+//                                      load per lane and fragment, 512 contiguous bytes a warp.
+//                                      Groups >= G hold zeros.
+//   meta_p    [MT][KS][16]     uint32  the metadata register of lane (g, t < 2) in word 2g + t.
+//                                      Groups >= G hold 0x4 nibbles (valid, values are zero).
+//   kidx      [KB][Gp][4]      int32   per column block (KB = R'/V, or 1 when M == 4: every
+//                                      block selects columns 0..3) and group the x column each of
+//                                      the 4 selected columns reads, with perm applied:
+//                                      perm ? perm[c] : c for c = g M + columns[.][g][s] < K;
+//                                      -1 - columns[.][g][s] for a column in the padding (c >= K)
+//                                      or a padded group (which the kernels read as zero: x is
+//                                      never read past K). 32 consecutive entries = one k-step,
+//                                      in the order of B's k.
+// The non-negative entries hide perm; unpack restores columns from them with the inverse perm.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define VNM_HD __host__ __device__ __forceinline__
+#else
+#define VNM_HD inline
+#endif
+
+namespace vnm::sp {
+
+constexpr int kWarp = 32;
+constexpr int kTileRows = 16;      // mma.sp M
+constexpr int kTileTokens = 8;     // mma.sp N
+constexpr int kStepK = 32;         // mma.sp K (logical, before compression)
+constexpr int kStepGroups = 8;     // V:N:M groups per k-step (4 selected columns each)
+constexpr uint32_t kPadNibble = 0x4;            // positions (0, 1): a valid nibble for zeros
+constexpr uint32_t kPadMetaWord = 0x44444444u;  // 8 pad nibbles
+
+// ---- PTX fragment ownership (section 1) ------------------------------------------------------
+
+struct AElem {
+  int row;    // 0..15
+  int chunk;  // 0..7: the 4-wide chunk of k (= group within the k-step)
+  int slot;   // 0 or 1: first or second non-zero of the chunk
+};
+VNM_HD AElem a_elem(int lane, int i) {
+  return AElem{(lane >> 2) + 8 * ((i >> 1) & 1), (lane & 3) + 4 * (i >> 2), i & 1};
+}
+
+// Inverse of a_elem: the lane and element index that hold (row, chunk, slot).
+VNM_HD int a_lane(int row, int chunk) { return 4 * (row & 7) + (chunk & 3); }
+VNM_HD int a_index(int row, int chunk, int slot) { return slot + 2 * (row >> 3) + 4 * (chunk >> 2); }
+
+struct BElem {
+  int k;  // 0..31
+  int n;  // 0..7
+};
+VNM_HD BElem b_elem(int lane, int i) {
+  return BElem{2 * (lane & 3) + (i & 1) + 8 * (i >> 1), lane >> 2};
+}
+
+struct CElem {
+  int row;  // 0..15
+  int n;    // 0..7
+};
+VNM_HD CElem c_elem(int lane, int i) {
+  return CElem{(lane >> 2) + 8 * (i >> 1), 2 * (lane & 3) + (i & 1)};
+}
+
+// Metadata (selector 0): whether a lane supplies it, and where a (row, chunk) nibble sits.
+VNM_HD bool meta_supplier(int lane, int selector) { return ((lane & 3) >> 1) == selector; }
+VNM_HD int meta_lane(int row, int chunk, int selector) {
+  return 4 * (row & 7) + 2 * selector + (chunk >> 2);
+}
+VNM_HD int meta_shift(int row, int chunk) { return 16 * (row >> 3) + 4 * (chunk & 3); }
+
+// The packed meta word a lane loads: word 2g + (t & 1). Lanes t = 2, 3 load their neighbour's
+// word, which selector 0 ignores (one load instruction for the whole warp, no divergence).
+VNM_HD int meta_word_of_lane(int lane) { return 2 * (lane >> 2) + (lane & 1); }
+
+// ldmatrix .x4: (matrix, row) whose address lane l supplies, and what lane l receives.
+VNM_HD int ldsm_matrix_of_lane(int lane) { return lane >> 3; }
+VNM_HD int ldsm_row_of_lane(int lane) { return lane & 7; }
+
+// ---- the packed layout (section 2) -----------------------------------------------------------
+
+struct PackedGeom {
+  int64_t R = 0, K = 0;   // logical shape
+  int64_t M = 4;          // pattern M
+  int64_t row_block = 0;  // V (16 for plain 2:4)
+  int64_t Rp = 0;         // padded rows R'
+  int64_t G = 0;          // groups per row
+  int64_t MT = 0;         // row tiles: R' / 16
+  int64_t KS = 0;         // k-steps: ceil(G / 8)
+  int64_t Gp = 0;         // 8 KS
+  int64_t KB = 0;         // column blocks in kidx: R' / V, or 1 when M == 4
+  int64_t meta_cols = 0;  // canonical meta bytes per row: ceil(G / 2)
+
+  VNM_HD int64_t values_count() const { return MT * KS * kWarp * 8; }
+  VNM_HD int64_t meta_words() const { return MT * KS * 16; }
+  VNM_HD int64_t kidx_count() const { return KB * Gp * 4; }
+  // kidx column block of a row (all rows share block 0 when M == 4).
+  VNM_HD int64_t kidx_block(int64_t row) const { return KB == 1 ? 0 : row / row_block; }
+};
+
+// Element index in values_p of element i held by `lane` for tile (mt, ks).
+VNM_HD int64_t packed_value_index(const PackedGeom& p, int64_t mt, int64_t ks, int lane, int i) {
+  return ((mt * p.KS + ks) * kWarp + lane) * 8 + i;
+}
+VNM_HD int64_t packed_meta_index(const PackedGeom& p, int64_t mt, int64_t ks, int word) {
+  return (mt * p.KS + ks) * 16 + word;
+}
+// First kidx entry of k-step ks in column block kb; entry k (0..31) follows, in B's k order.
+VNM_HD int64_t kidx_step_index(const PackedGeom& p, int64_t kb, int64_t ks) {
+  return (kb * p.Gp + ks * kStepGroups) * 4;
+}
+
+// canonical -> packed, one output element each (the GPU runs one thread per element).
+VNM_HD uint16_t packed_value_at(const PackedGeom& p, const uint16_t* values, int64_t idx) {
+  const int i = int(idx & 7);
+  const int lane = int((idx >> 3) & 31);
+  const int64_t tile = idx >> 8;  // mt * KS + ks
+  const int64_t mt = tile / p.KS, ks = tile % p.KS;
+  const AElem e = a_elem(lane, i);
+  const int64_t row = mt * kTileRows + e.row;
+  const int64_t group = ks * kStepGroups + e.chunk;
+  return group < p.G ? values[(row * p.G + group) * 2 + e.slot] : uint16_t(0);
+}
+
+VNM_HD uint32_t canonical_nibble(const PackedGeom& p, const uint8_t* meta, int64_t row,
+                                 int64_t group) {
+  if (group >= p.G) return kPadNibble;
+  return (meta[row * p.meta_cols + group / 2] >> (4 * (group & 1))) & 0xFu;
+}
+
+VNM_HD uint32_t packed_meta_at(const PackedGeom& p, const uint8_t* meta, int64_t idx) {
+  const int word = int(idx & 15);
+  const int64_t tile = idx >> 4;
+  const int64_t mt = tile / p.KS, ks = tile % p.KS;
+  const int g = word >> 1, half = word & 1;
+  uint32_t out = 0;
+  for (int hi = 0; hi < 2; ++hi) {
+    const int row16 = g + 8 * hi;
+    for (int j = 0; j < 4; ++j) {
+      const int chunk = 4 * half + j;
+      const uint32_t nib =
+          canonical_nibble(p, meta, mt * kTileRows + row16, ks * kStepGroups + chunk);
+      out |= nib << meta_shift(row16, chunk);
+    }
+  }
+  return out;
+}
+
+VNM_HD int32_t packed_kidx_at(const PackedGeom& p, const uint8_t* columns, const int32_t* perm,
+                              int64_t idx) {
+  const int s = int(idx & 3);
+  const int64_t group = (idx >> 2) % p.Gp;
+  const int64_t kb = (idx >> 2) / p.Gp;
+  if (group >= p.G) return -1 - s;  // padded group: values are zero, read nothing
+  const int off = columns[(kb * p.G + group) * 4 + s];
+  const int64_t c = group * p.M + off;
+  if (c >= p.K) return -1 - off;    // column padding: never read x past K
+  return perm ? perm[c] : int32_t(c);
+}
+
+// Where canonical value (row, group, slot) sits in values_p.
+VNM_HD int64_t packed_value_of(const PackedGeom& p, int64_t row, int64_t group, int slot) {
+  const int r16 = int(row % kTileRows), chunk = int(group % kStepGroups);
+  return packed_value_index(p, row / kTileRows, group / kStepGroups, a_lane(r16, chunk),
+                            a_index(r16, chunk, slot));
+}
+
+// packed -> canonical, one output element each.
+VNM_HD uint16_t canonical_value_at(const PackedGeom& p, const uint16_t* values_p, int64_t idx) {
+  return values_p[packed_value_of(p, (idx >> 1) / p.G, (idx >> 1) % p.G, int(idx & 1))];
+}
+
+VNM_HD uint32_t packed_nibble(const PackedGeom& p, const uint32_t* meta_p, int64_t row,
+                              int64_t group) {
+  const int64_t mt = row / kTileRows, ks = group / kStepGroups;
+  const int r16 = int(row % kTileRows), chunk = int(group % kStepGroups);
+  const uint32_t word =
+      meta_p[packed_meta_index(p, mt, ks, 2 * (r16 & 7) + (chunk >> 2))];
+  return (word >> meta_shift(r16, chunk)) & 0xFu;
+}
+
+VNM_HD uint8_t canonical_meta_at(const PackedGeom& p, const uint32_t* meta_p, int64_t idx) {
+  const int64_t row = idx / p.meta_cols, byte = idx % p.meta_cols;
+  uint32_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t group = 2 * byte + h;
+    if (group < p.G) out |= packed_nibble(p, meta_p, row, group) << (4 * h);
+  }
+  return uint8_t(out);
+}
+
+// inv_perm: the inverse of perm (inv_perm[perm[c]] = c), or null without perm.
+VNM_HD uint8_t canonical_column_at(const PackedGeom& p, const int32_t* kidx,
+                                   const int32_t* inv_perm, int64_t idx) {
+  const int s = int(idx & 3);
+  const int64_t group = (idx >> 2) % p.G;
+  const int64_t rb = (idx >> 2) / p.G;
+  const int64_t kb = p.KB == 1 ? 0 : rb;
+  const int32_t v = kidx[(kb * p.Gp + group) * 4 + s];
+  if (v < 0) return uint8_t(-1 - v);
+  const int64_t c = inv_perm ? int64_t(inv_perm[v]) : int64_t(v);
+  return uint8_t(c - group * p.M);
+}
+
+// ---- tiled kernel: CTA tile shapes and the index maps of its data movement --------------------
+
+// A CTA computes a BM x BN tile of y^T (BM weight rows x BN tokens) with WARPS_M x WARPS_N
+// warps, each owning WM x WN mma tiles (16 rows x 8 tokens each).
+//   WM       m16 tiles per warp (rows)         WARPS_M  warps along rows
+//   WN       n8 tiles per warp (tokens)        WARPS_N  warps along tokens
+//   STAGES   cp.async pipeline depth for A and the metadata (B is staged through registers one
+//            k-step ahead into a double-buffered shared tile)
+template <int WM_, int WN_, int WARPS_M_, int WARPS_N_, int STAGES_ = 3>
+struct TileShape {
+  static constexpr int WM = WM_, WN = WN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
+  static constexpr int STAGES = STAGES_;
+  static constexpr int BM = kTileRows * WM * WARPS_M;
+  static constexpr int BN = kTileTokens * WN * WARPS_N;
+  static constexpr int THREADS = kWarp * WARPS_M * WARPS_N;
+  static constexpr int MT_CTA = BM / kTileRows;                // row tiles per CTA
+  // Per k-step: A = MT_CTA x 32 lanes x 16 B, metadata = MT_CTA x 64 B, in 16-byte chunks.
+  static constexpr int A_CHUNKS = MT_CTA * kWarp;
+  static constexpr int META_CHUNKS = MT_CTA * 4;
+  static constexpr int COPY_CHUNKS = A_CHUNKS + META_CHUNKS;
+  // B tile per k-step: BN tokens x 32 k of 16 bits. Gathered as k pairs (one 32-bit register
+  // each) or, without a gather, as 16-byte chunks (four registers each): same registers.
+  static constexpr int B_PAIRS = BN * 16 / THREADS;   // per thread
+  static constexpr int B_CHUNKS = BN * 4 / THREADS;   // per thread
+  static constexpr int B_REGS = B_PAIRS;
+  static_assert(B_PAIRS * THREADS == BN * 16 && B_CHUNKS * THREADS == BN * 4, "B split");
+  static_assert(B_CHUNKS * 4 == B_PAIRS, "both B paths use the same staging registers");
+  static constexpr int C_PITCH = BM + 8;  // epilogue tile row pitch (16-bit elements)
+
+  // Shared memory (bytes): A stages, metadata stages, two B buffers; the epilogue reuses it.
+  static constexpr int A_BYTES = STAGES * MT_CTA * kWarp * 16;
+  static constexpr int META_BYTES = STAGES * MT_CTA * 64;
+  static constexpr int B_BYTES = 2 * BN * kStepK * 2;
+  static constexpr int PIPE_BYTES = A_BYTES + META_BYTES + B_BYTES;
+  static constexpr int EPI_BYTES = BN * C_PITCH * 2;
+  static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+};
+
+// The curated configurations (one dispatch point: cuda/src/spmm.cu picks one).
+using TileM64 = TileShape<2, 4, 2, 4>;  // 64 x 128, 8 warps: row blocks of V % 64 == 0, and 2:4
+using TileM32 = TileShape<2, 4, 1, 4>;  // 32 x 128, 4 warps: V % 64 == 32
+using TileM16 = TileShape<1, 4, 1, 4>;  // 16 x 128, 4 warps: V % 32 == 16
+
+// Which 16-byte chunk of the stage's A/metadata copy chunk c is: A chunk (mt_local, lane) or
+// metadata chunk (mt_local, quarter = words 4q..4q+3).
+struct CopySlot {
+  bool meta;
+  int mt_local;
+  int part;  // lane for A, quarter for metadata
+};
+template <class S>
+VNM_HD CopySlot copy_slot(int c) {
+  if (c < S::A_CHUNKS) return CopySlot{false, c >> 5, c & 31};
+  const int m = c - S::A_CHUNKS;
+  return CopySlot{true, m >> 2, m & 3};
+}
+
+// B staging: which token (within the CTA tile) and which k the thread's j-th register holds.
+template <class S>
+VNM_HD int b_pair_token(int tid, int j) { return (tid >> 4) + j * (S::THREADS / 16); }
+VNM_HD int b_pair_k(int tid) { return 2 * (tid & 15); }
+template <class S>
+VNM_HD int b_chunk_token(int tid, int j) { return (tid >> 2) + j * (S::THREADS / 4); }
+VNM_HD int b_chunk_k(int tid) { return 8 * (tid & 3); }
+
+// Shared B tile [token][32 k], 64 bytes a token, its four 16-byte chunks XOR-swizzled by
+// (token >> 1) & 3 so that ldmatrix's 8 row reads (8 tokens, one chunk) hit 8 distinct 16-byte
+// bank groups (rows of 64 B put tokens n and n + 2 on the same banks without it).
+VNM_HD int bs_offset(int n, int k) {
+  return n * kStepK + ((((k >> 3) ^ (n >> 1)) & 3) << 3) + (k & 7);
+}
+// Row address lane l supplies to ldmatrix .x4 for the B fragment of the 8 tokens from nb:
+// matrix m = k chunk m (k 8m .. 8m+7), row r = token nb + r. Register m then holds exactly
+// b_{2m}, b_{2m+1} of the mma.sp B fragment (k = 2t + 8m + {0,1}, n = g).
+VNM_HD int bs_ldsm_offset(int lane, int nb) {
+  return bs_offset(nb + ldsm_row_of_lane(lane), 8 * ldsm_matrix_of_lane(lane));
+}
+
+// ---- dispatch ----------------------------------------------------------------------------------
+
+constexpr int kDecodeMaxTokens = 32;  // N <= this: the memory-bound decode kernel
+constexpr int kDecodeWarps = 8;       // warps of a decode CTA, splitting the k-steps
+constexpr int kDecodeTiles = 4;       // n8 tiles a decode CTA covers (32 tokens)
+
+enum class Path : int { automatic = 0, decode = 1, tiled = 2 };
+
+// Row tile of the tiled kernel: the CTA's rows must share one kidx column block (V divides
+// into BM tiles), except with M == 4 where all blocks read columns 0..3.
+inline int tiled_bm(const PackedGeom& p) {
+  if (p.KB == 1 || p.row_block % 64 == 0) return 64;
+  if (p.row_block % 32 == 0) return 32;
+  return 16;
+}
+
+inline Path choose_path(const PackedGeom&, int64_t n_tokens) {
+  return n_tokens <= kDecodeMaxTokens ? Path::decode : Path::tiled;
+}
+
+}  // namespace vnm::sp

@@ -1,0 +1,212 @@
+// The one dispatch point of the SpMM kernels: argument checks, device checks, the choice of
+// kernel (decode / tiled, row tile, B path) and the launch. No allocation, no synchronisation.
+#include <cuda_runtime.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <string>
+
+#include "launch.h"
+#include "vnm/cuda.h"
+#include "vnm/dtype.h"
+
+namespace vnm::cuda {
+namespace {
+
+thread_local std::string g_last_error;
+
+int fail(int status, const char* fmt, ...) {
+  char buf[512];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(buf, sizeof(buf), fmt, args);
+  va_end(args);
+  g_last_error = buf;
+  return status;
+}
+
+bool aligned(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+
+// Selects `device` for the calling thread and restores the previous one on exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&prev_) == cudaSuccess && prev_ != device)
+      changed_ = cudaSetDevice(device) == cudaSuccess;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = -1;
+  bool changed_ = false;
+};
+
+// kOk when `device` exists and has mma.sp (compute capability 8.0 or newer).
+int check_device(int device) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return fail(kNoDevice, "no CUDA device is available (%s)",
+                e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount found none");
+  }
+  if (device < 0 || device >= count)
+    return fail(kInvalidArgument, "device %d does not exist (%d visible)", device, count);
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (major < 8)
+    return fail(kUnsupportedArch,
+                "CUDA device %d has compute capability %d.%d; the V:N:M kernels use mma.sp, "
+                "which needs 8.0 (Ampere) or newer. Run on the CPU instead.",
+                device, major, minor);
+  return kOk;
+}
+
+int check_geom(const sp::PackedGeom& p) {
+  if (p.R <= 0 || p.K <= 0 || p.M < 4 || p.row_block <= 0 || p.row_block % sp::kTileRows != 0 ||
+      p.Rp != p.MT * sp::kTileRows || p.Rp < p.R || p.G != (p.K + p.M - 1) / p.M ||
+      p.KS != (p.G + sp::kStepGroups - 1) / sp::kStepGroups || p.Gp != p.KS * sp::kStepGroups ||
+      !(p.KB == 1 || p.KB * p.row_block == p.Rp) || p.meta_cols != (p.G + 1) / 2)
+    return fail(kInvalidArgument, "inconsistent packed geometry (R=%lld, K=%lld, M=%lld)",
+                (long long)p.R, (long long)p.K, (long long)p.M);
+  return kOk;
+}
+
+int check_launch(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return kOk;
+  return fail(kCudaError, "%s failed: %s", what, cudaGetErrorString(e));
+}
+
+bool contiguous_b(const SpmmParams& q) {
+  return q.geom.KB == 1 && !q.has_perm && !q.force_gather && q.geom.K % 8 == 0 &&
+         q.ldx % 8 == 0 && aligned(q.x, 16);
+}
+
+}  // namespace
+
+const char* last_error() { return g_last_error.c_str(); }
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+Plan plan(const SpmmParams& q) {
+  Plan out;
+  sp::Path path = static_cast<sp::Path>(q.path);
+  if (path == sp::Path::automatic) path = sp::choose_path(q.geom, q.n_tokens);
+  out.path = int(path);
+  out.bm = path == sp::Path::tiled ? sp::tiled_bm(q.geom) : sp::kTileRows;
+  out.contiguous_b = contiguous_b(q);
+  return out;
+}
+
+int spmm(const SpmmParams& q) {
+  if (q.dtype != int(DType::f16) && q.dtype != int(DType::bf16))
+    return fail(kUnsupportedDtype,
+                "the mma.sp kernels take float16 or bfloat16 (got dtype code %d); cast the "
+                "weight and input, or use CPU tensors for float32",
+                q.dtype);
+  if (int st = check_geom(q.geom)) return st;
+  if (q.n_tokens < 0 || q.ldx < q.geom.K || q.ldy < q.geom.R || q.path < 0 || q.path > 2)
+    return fail(kInvalidArgument, "bad sizes: n_tokens=%lld ldx=%lld (K=%lld) ldy=%lld (R=%lld)",
+                (long long)q.n_tokens, (long long)q.ldx, (long long)q.geom.K, (long long)q.ldy,
+                (long long)q.geom.R);
+  if (!q.values_p || !q.meta_p || !q.kidx || !q.y || (q.n_tokens > 0 && !q.x))
+    return fail(kInvalidArgument, "a required pointer is null");
+  if (!aligned(q.values_p, 16) || !aligned(q.meta_p, 16) || !aligned(q.kidx, 8))
+    return fail(kMisaligned,
+                "packed arrays must be 16-byte (values, meta) and 8-byte (kidx) aligned for the "
+                "kernels' vector loads; pass the tensors vnm.cuda_ops.pack returns, not views "
+                "into them");
+  if (!aligned(q.x, 2) || !aligned(q.y, 2) || (q.bias && !aligned(q.bias, 2)))
+    return fail(kMisaligned, "x, y and bias must be 2-byte aligned");
+  if (q.n_tokens == 0) return kOk;
+  const Plan pl = plan(q);
+  const int64_t grid_y = pl.path == int(sp::Path::decode)
+                             ? (q.n_tokens + sp::kDecodeTiles * sp::kTileTokens - 1) /
+                                   (sp::kDecodeTiles * sp::kTileTokens)
+                             : (q.n_tokens + sp::TileM64::BN - 1) / sp::TileM64::BN;
+  if (grid_y > 65535 || q.geom.MT > 0x7FFFFFFF)
+    return fail(kInvalidArgument, "too many tokens for one launch (%lld); split the batch",
+                (long long)q.n_tokens);
+
+  DeviceGuard guard(q.device);
+  if (int st = check_device(q.device)) return st;
+
+  dev::KernelArgs a;
+  a.p = q.geom;
+  a.values_p = static_cast<const uint16_t*>(q.values_p);
+  a.meta_p = q.meta_p;
+  a.kidx = q.kidx;
+  a.x = static_cast<const uint16_t*>(q.x);
+  a.n_tokens = q.n_tokens;
+  a.ldx = q.ldx;
+  a.bias = static_cast<const uint16_t*>(q.bias);
+  a.y = static_cast<uint16_t*>(q.y);
+  a.ldy = q.ldy;
+  a.contig = pl.contiguous_b ? 1 : 0;
+  cudaStream_t stream = static_cast<cudaStream_t>(q.stream);
+  const bool bf = q.dtype == int(DType::bf16);
+  cudaError_t e;
+  if (pl.path == int(sp::Path::decode)) {
+    e = bf ? dev::launch_decode<dev::BF16>(a, stream) : dev::launch_decode<dev::F16>(a, stream);
+  } else if (pl.bm == 64) {
+    e = bf ? dev::launch_tiled<dev::BF16, sp::TileM64>(a, stream)
+           : dev::launch_tiled<dev::F16, sp::TileM64>(a, stream);
+  } else if (pl.bm == 32) {
+    e = bf ? dev::launch_tiled<dev::BF16, sp::TileM32>(a, stream)
+           : dev::launch_tiled<dev::F16, sp::TileM32>(a, stream);
+  } else {
+    e = bf ? dev::launch_tiled<dev::BF16, sp::TileM16>(a, stream)
+           : dev::launch_tiled<dev::F16, sp::TileM16>(a, stream);
+  }
+  return check_launch(e, "SpMM kernel launch");
+}
+
+// ---- packing (kernels in pack.cu) ------------------------------------------------------------
+
+namespace dev {
+cudaError_t launch_pack(const PackParams& q, cudaStream_t stream);
+cudaError_t launch_unpack(const UnpackParams& q, cudaStream_t stream);
+cudaError_t launch_to_dense(const DenseParams& q, cudaStream_t stream);
+}  // namespace dev
+
+int pack(const PackParams& q) {
+  if (int st = check_geom(q.geom)) return st;
+  if (!q.values || !q.meta || !q.columns || !q.values_p || !q.meta_p || !q.kidx)
+    return fail(kInvalidArgument, "a required pointer is null");
+  DeviceGuard guard(q.device);
+  if (int st = check_device(q.device)) return st;
+  return check_launch(dev::launch_pack(q, static_cast<cudaStream_t>(q.stream)), "pack");
+}
+
+int unpack(const UnpackParams& q) {
+  if (int st = check_geom(q.geom)) return st;
+  if (!q.values || !q.meta || !q.columns || !q.values_p || !q.meta_p || !q.kidx)
+    return fail(kInvalidArgument, "a required pointer is null");
+  DeviceGuard guard(q.device);
+  if (int st = check_device(q.device)) return st;
+  return check_launch(dev::launch_unpack(q, static_cast<cudaStream_t>(q.stream)), "unpack");
+}
+
+int packed_to_dense(const DenseParams& q) {
+  if (int st = check_geom(q.geom)) return st;
+  if (!q.values_p || !q.meta_p || !q.kidx || !q.dense)
+    return fail(kInvalidArgument, "a required pointer is null");
+  DeviceGuard guard(q.device);
+  if (int st = check_device(q.device)) return st;
+  return check_launch(dev::launch_to_dense(q, static_cast<cudaStream_t>(q.stream)),
+                      "packed_to_dense");
+}
+
+}  // namespace vnm::cuda
