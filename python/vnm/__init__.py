@@ -2,6 +2,9 @@
 
 Patterns and masks (:class:`Pattern`, :func:`select_mask`, :func:`check_mask`), compressed
 storage (:class:`VNMTensor`) and the sparse matrix product (:func:`spmm`).
+Pruning: calibration (:func:`calibrate`, :func:`calibrate_sequential`), scores
+(:mod:`vnm.scores`), model masks (:func:`compute_masks`, :func:`apply_masks_`), the choice of V
+and M (:func:`choose_pattern`) and kept-importance reports (:func:`report`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,15 @@ from .mask import check_mask, is_valid_mask, select_mask
 from .ops import spmm
 from .pattern import Pattern, as_pattern
 from .tensor import VNMTensor
+
+# ---- issue 4: pruning scores, calibration, pattern choice, reports (begin) ----
+from . import scores
+from .calibrate import Calibration, ChannelStats, calibrate, calibrate_sequential
+from .choose import PatternChoice, SpeedupTable, choose_pattern, log_mask_diversity, model_speedup
+from .layers import prunable_layers, weight_matrix
+from .pruning import apply_masks_, compute_masks, kept_fraction, layer_scores
+from .report import KeptReport, report
+# ---- issue 4 (end) ----
 
 __version__ = "0.1.0"
 
@@ -23,4 +35,24 @@ __all__ = [
     "is_valid_mask",
     "select_mask",
     "spmm",
+    # ---- issue 4 (begin) ----
+    "Calibration",
+    "ChannelStats",
+    "KeptReport",
+    "PatternChoice",
+    "SpeedupTable",
+    "apply_masks_",
+    "calibrate",
+    "calibrate_sequential",
+    "choose_pattern",
+    "compute_masks",
+    "kept_fraction",
+    "layer_scores",
+    "log_mask_diversity",
+    "model_speedup",
+    "prunable_layers",
+    "report",
+    "scores",
+    "weight_matrix",
+    # ---- issue 4 (end) ----
 ]
