@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vnm
-from vnm.calibrate import calibrate, calibrate_sequential
+from vnm.calibration import calibrate, calibrate_sequential
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import vnm
-from vnm.calibrate import calibrate
+from vnm.calibration import calibrate
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ import torch
 
 import vnm
 from vnm import scores
-from vnm.calibrate import ChannelStats
+from vnm.calibration import ChannelStats
 
 # W (2 x 3) and input statistics of its 3 input channels, used by every example below.
 W = torch.tensor([[1.0, -2.0, 0.0],

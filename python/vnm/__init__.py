@@ -17,11 +17,11 @@ from .tensor import VNMTensor
 
 # ---- issue 4: pruning scores, calibration, pattern choice, reports (begin) ----
 from . import scores
-from .calibrate import Calibration, ChannelStats, calibrate, calibrate_sequential
+from .calibration import Calibration, ChannelStats, calibrate, calibrate_sequential
 from .choose import PatternChoice, SpeedupTable, choose_pattern, log_mask_diversity, model_speedup
 from .layers import prunable_layers, weight_matrix
 from .pruning import apply_masks_, compute_masks, kept_fraction, layer_scores
-from .report import KeptReport, report
+from .reports import KeptReport, report
 # ---- issue 4 (end) ----
 
 __version__ = "0.1.0"

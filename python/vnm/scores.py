@@ -1,5 +1,5 @@
 """Pruning scores: the importance of every weight of a layer, from the weight and the statistics
-of the layer's input channels (:class:`vnm.calibrate.ChannelStats`).
+of the layer's input channels (:class:`vnm.calibration.ChannelStats`).
 
 Every score has the signature ``score(weight, stats=None, *, layer=None, **options) -> Tensor``:
 ``weight`` is the R x K matrix (output x input features; use :func:`vnm.layers.weight_matrix`
@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .calibrate import ChannelStats
+from .calibration import ChannelStats
 
 Score = Callable[..., torch.Tensor]
 
