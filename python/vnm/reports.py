@@ -119,9 +119,11 @@ def _save_plot(curve: Mapping[str, float], path: Path, score_name: str) -> Path:
         pts = [(as_pattern(p).sparsity * 100, curve[p]) for p in curve if as_pattern(p).is_vnm and as_pattern(p).V == V]
         pts.sort()
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"V:2:M, V={V}")
-    for p in PLOT_NM:
+    # Plain N:M points in their own colours and markers, apart from the V:2:M curves' colour cycle.
+    for p, color, marker in zip(PLOT_NM, ("black", "tab:gray", "tab:purple"), ("s", "D", "^")):
         if p in curve:
-            ax.scatter([as_pattern(p).sparsity * 100], [curve[p]], marker="s", s=50, zorder=3, label=p)
+            ax.scatter([as_pattern(p).sparsity * 100], [curve[p]], color=color, marker=marker, s=50, zorder=3,
+                       label=f"{p} (plain N:M)")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("kept importance (fraction of total score)")
     ax.set_title(f"kept importance vs sparsity ({score_name})")
