@@ -3,6 +3,9 @@
 Patterns and masks (:class:`Pattern`, :func:`select_mask`, :func:`check_mask`), compressed
 storage (:class:`VNMTensor`) and the sparse matrix product (:func:`spmm`). The CUDA kernel layout
 and its ops (pack / unpack / spmm_packed) are in :mod:`vnm.cuda_ops`.
+Pruning: calibration (:func:`calibrate`, :func:`calibrate_sequential`), scores
+(:mod:`vnm.scores`), model masks (:func:`compute_masks`, :func:`apply_masks_`), the choice of V
+and M (:func:`choose_pattern`) and kept-importance reports (:func:`report`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from .tensor import VNMTensor
 from . import nn  # noqa: F401  (vnm.nn.VNMLinear)
 from . import cuda_ops  # registers vnm::pack, vnm::unpack, vnm::spmm_packed, vnm::packed_to_dense
 
+# ---- issue 4: pruning scores, calibration, pattern choice, reports (begin) ----
+from . import scores
+from .calibration import Calibration, ChannelStats, calibrate, calibrate_sequential
+from .choose import PatternChoice, SpeedupTable, choose_pattern, log_mask_diversity, model_speedup
+from .layers import prunable_layers, weight_matrix
+from .pruning import apply_masks_, compute_masks, kept_fraction, layer_scores
+from .reports import KeptReport, report
+# ---- issue 4 (end) ----
+
 __all__ = [
     "CUDA_BUILT",
     "SparsifyConfig",
@@ -34,4 +46,24 @@ __all__ = [
     "select_mask",
     "sparsify",
     "spmm",
+    # ---- issue 4 (begin) ----
+    "Calibration",
+    "ChannelStats",
+    "KeptReport",
+    "PatternChoice",
+    "SpeedupTable",
+    "apply_masks_",
+    "calibrate",
+    "calibrate_sequential",
+    "choose_pattern",
+    "compute_masks",
+    "kept_fraction",
+    "layer_scores",
+    "log_mask_diversity",
+    "model_speedup",
+    "prunable_layers",
+    "report",
+    "scores",
+    "weight_matrix",
+    # ---- issue 4 (end) ----
 ]

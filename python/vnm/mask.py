@@ -1,15 +1,29 @@
-"""Mask selection and validity for V:N:M and N:M patterns (exact selection runs in C++)."""
+"""Mask selection and validity for V:N:M and N:M patterns.
+
+Exact selection runs in C++ (branch and bound, CPU). Scores on a CUDA device are selected in place
+by an exact vectorised torch path (every column set of every block evaluated at once), so a model
+on the GPU is not copied to the host for its masks.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from ._checks import require_2d
 from ._native import _C
 from .pattern import PatternLike, as_pattern
 
 
-def select_mask(scores: torch.Tensor, pattern: PatternLike) -> torch.Tensor:
+# The torch path enumerates all C(M, 4) column sets of every block: 1820 sets at M = 16. Beyond
+# that the C++ branch and bound (which prunes most sets) is the better tool.
+TORCH_MAX_M = 16
+_BACKENDS = ("auto", "native", "torch")
+
+
+def select_mask(scores: torch.Tensor, pattern: PatternLike, *, backend: str = "auto") -> torch.Tensor:
     """The mask that keeps the most total score under ``pattern``.
 
     ``scores`` (R x K, finite and non-negative: importance such as ``weight.abs()``) is any float
@@ -19,16 +33,111 @@ def select_mask(scores: torch.Tensor, pattern: PatternLike) -> torch.Tensor:
     sum, exactly (branch and bound over the C(M, 4) column sets). N:M: the top N of every M per
     row. Ties go to lower column indices. Shapes that are not multiples of V or M are padded with
     zero scores, selected and cropped.
+
+    ``backend``: ``"native"`` runs the C++ core on the CPU (scores on another device are copied
+    there and the mask back); ``"torch"`` runs an exact vectorised torch enumeration on the
+    scores' own device (N:M, and V:N:M with M <= 16); ``"auto"`` (default) uses torch for CUDA
+    scores when it supports the pattern and the C++ core otherwise. Both are exact and keep the
+    same total score; where two column sets of a block tie exactly they may pick different ones
+    (C++ keeps the first best in its search order, torch the first in lexicographic order of
+    column offsets).
     """
     p = as_pattern(pattern)
     require_2d(scores, "scores")
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    torch_ok = torch_supports(p)
+    if backend == "torch" and not torch_ok:
+        raise ValueError(
+            f"backend='torch' enumerates every column set and supports M <= {TORCH_MAX_M}; "
+            f"pattern '{p}' has M={p.M}: use backend='native' (C++ branch and bound)"
+        )
+    if backend == "torch" or (backend == "auto" and torch_ok and scores.device.type == "cuda"):
+        return _select_mask_torch(scores.detach().to(torch.float32), p)
     R, K = scores.shape
     s = scores.detach().to(device="cpu", dtype=torch.float32).contiguous()
     out = torch.empty((R, K), dtype=torch.uint8)
     _C.select_mask(s, R, K, p, out)
     return out.view(torch.bool).to(scores.device)
+
+
+def torch_supports(pattern: PatternLike) -> bool:
+    """Whether the vectorised torch selection handles ``pattern`` (all N:M; V:N:M with M <= 16)."""
+    p = as_pattern(pattern)
+    return not p.is_vnm or p.M <= TORCH_MAX_M
+
+
+# ---- exact selection in torch (any device) ------------------------------------------------------
+
+# Elements of the (blocks x V x column sets) working tensors per chunk: ~64 MiB of float32 each,
+# so a GPU keeps several in flight without memory pressure and a CPU test stays small.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_scores_torch(s: torch.Tensor) -> None:
+    bad = ~(s >= 0) | torch.isinf(s)
+    if bool(bad.any()):
+        first = int(bad.flatten().nonzero()[0])
+        r, c = divmod(first, s.shape[1])
+        raise ValueError(
+            "scores must be finite and non-negative importance values (e.g. weight.abs()); "
+            f"got {float(s[r, c]):g} at ({r}, {c})"
+        )
+
+
+def _top2_sum_of_4(a, b, c, d):
+    """Sum of the two largest of four tensors, elementwise: the top two of the pairs (a, b) and
+    (c, d) merged, max(t1, u1) + max(min(t1, u1), max(t2, u2)) (no sort kernel)."""
+    t1, t2 = torch.maximum(a, b), torch.minimum(a, b)
+    u1, u2 = torch.maximum(c, d), torch.minimum(c, d)
+    return torch.maximum(t1, u1) + torch.maximum(torch.minimum(t1, u1), torch.maximum(t2, u2))
+
+
+def _select_mask_torch(s: torch.Tensor, p) -> torch.Tensor:
+    _check_scores_torch(s)
+    if p.is_vnm:
+        return _select_vnm_torch(s, p.V, p.M)
+    return _select_nm_torch(s, p.N, p.M)
+
+
+def _select_nm_torch(s: torch.Tensor, N: int, M: int) -> torch.Tensor:
+    R, K = s.shape
+    G = math.ceil(K / M)
+    # Padding scores -1 rank below every real (non-negative) score: a short last group keeps its
+    # min(N, width) real columns, as the C++ core does.
+    g = F.pad(s, (0, G * M - K), value=-1.0).view(R, G, M)
+    # A stable descending sort keeps equal scores in column order: ties go to lower columns.
+    top = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :N]
+    mask = torch.zeros(g.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, True)
+    return mask.view(R, G * M)[:, :K]
+
+
+def _select_vnm_torch(s: torch.Tensor, V: int, M: int) -> torch.Tensor:
+    R, K = s.shape
+    RB, G = math.ceil(R / V), math.ceil(K / M)
+    n_blocks = RB * G
+    # Zero padding, as the C++ core: padded rows and columns add nothing to any column set.
+    blocks = F.pad(s, (0, G * M - K, 0, RB * V - R)).view(RB, V, G, M).permute(0, 2, 1, 3)
+    blocks = blocks.reshape(n_blocks, V, M)
+    combos = torch.combinations(torch.arange(M, device=s.device), r=4)  # (C, 4), lexicographic
+    best = torch.empty(n_blocks, dtype=torch.long, device=s.device)
+    chunk = max(1, _CHUNK_ELEMENTS // (V * combos.shape[0]))
+    for b0 in range(0, n_blocks, chunk):
+        blk = blocks[b0 : b0 + chunk]
+        a, b, c, d = (blk[:, :, combos[:, i]] for i in range(4))  # each (chunk, V, C)
+        kept = _top2_sum_of_4(a, b, c, d).sum(dim=1)  # (chunk, C): kept score of each column set
+        best[b0 : b0 + chunk] = kept.argmax(dim=1)  # first maximum: lowest set on exact ties
+    selected = combos[best]  # (n_blocks, 4) column offsets, ascending
+    sel_rows = selected[:, None, :].expand(n_blocks, V, 4)
+    values = torch.gather(blocks, 2, sel_rows)
+    # Each row keeps its top 2 of the 4; the stable sort sends ties to the lower offset.
+    top = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :2]
+    cols = torch.gather(sel_rows, 2, top)
+    mask = torch.zeros((n_blocks, V, M), dtype=torch.bool, device=s.device).scatter_(2, cols, True)
+    mask = mask.view(RB, G, V, M).permute(0, 2, 1, 3).reshape(RB * V, G * M)
+    return mask[:R, :K]
 
 
 def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,482 @@
+"""Calibration: per-input-channel statistics of the activations every prunable layer reads.
+
+``stats = vnm.calibrate(model, batches)`` runs the batches through the model with forward
+pre-hooks on every ``nn.Linear`` (and GPT-2 ``Conv1D``) and returns a :class:`Calibration`, a
+read-only mapping ``module name -> ChannelStats``. Memory is bounded: each layer keeps a few
+vectors of length K (its input channels) and, for the entropy score, a K x bins histogram; no
+activation is stored.
+
+What a :class:`ChannelStats` holds for input channel j over the calibration tokens t:
+
+==============  ==========================  ================================================
+field           shape, dtype                meaning
+==============  ==========================  ================================================
+``count``       int                         tokens seen (padding excluded, see below)
+``sum``         (K,) float64                sum_t x_tj
+``sumsq``       (K,) float64                sum_t x_tj^2
+``minimum``     (K,) float32                min_t x_tj
+``maximum``     (K,) float32                max_t x_tj
+``histogram``   (K, bins) int64 or None     counts of x_tj in ``bins`` equal-width bins
+                                            spanning [minimum_j, maximum_j]
+``l2``          (K,) float32 (property)     ||X_j||_2 = sqrt(sumsq): Wanda's and RIA's norm
+``rms``         (K,) float32 (property)     sqrt(sumsq / count), independent of data size
+``mean``        (K,) float32 (property)     sum / count
+``entropy``     (K,) float32 or None        Shannon entropy (nats) of the histogram
+==============  ==========================  ================================================
+
+Padding: when a batch is a mapping with an ``attention_mask`` of shape (B, L) and a layer's input
+has shape (B, L, K), only the tokens the mask marks are counted (padding would otherwise add
+zeros-like rows of the pad embedding to every statistic). Inputs of other shapes count every row.
+
+The histogram needs each channel's range before it can bin, so with ``entropy_bins`` set the
+batches are run twice (norms and ranges, then histograms); pass ``entropy_bins=None`` for one pass
+when the entropy score is not needed.
+
+For deep models :func:`calibrate_sequential` calibrates block by block, each block reading the
+outputs of the blocks before it *after* they were pruned (as Wanda and SparseGPT do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import LayerFilter, in_features, model_device, prunable_layers
+
+DEFAULT_ENTROPY_BINS = 128
+
+
+@dataclass
+class ChannelStats:
+    """Statistics of one layer's input channels over the calibration tokens (see module doc)."""
+
+    name: str
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+    histogram: Optional[torch.Tensor] = None
+
+    @property
+    def K(self) -> int:
+        return int(self.sumsq.shape[0])
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens (K,), float32."""
+        return self.sumsq.sqrt().float()
+
+    @property
+    def rms(self) -> torch.Tensor:
+        """sqrt(mean_t x_tj^2) (K,), float32; zeros if no token was seen."""
+        return (self.sumsq / max(self.count, 1)).sqrt().float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).float()
+
+    @property
+    def bins(self) -> Optional[int]:
+        return None if self.histogram is None else int(self.histogram.shape[1])
+
+    @property
+    def entropy(self) -> Optional[torch.Tensor]:
+        """Shannon entropy in nats of each channel's histogram (K,), float32; ``None`` without a
+        histogram. A constant channel (one occupied bin) has entropy 0; the maximum is ln(bins)."""
+        if self.histogram is None:
+            return None
+        h = self.histogram.double()
+        p = h / h.sum(dim=1, keepdim=True).clamp_min(1)
+        return -(torch.xlogy(p, p).sum(dim=1)).float()
+
+    def __repr__(self) -> str:
+        hist = f", histogram {self.bins} bins" if self.histogram is not None else ""
+        return f"ChannelStats({self.name!r}, K={self.K}, count={self.count}{hist})"
+
+
+class Calibration(Mapping):
+    """Read-only mapping ``module name -> ChannelStats`` returned by :func:`calibrate`.
+
+    ``stats[name]`` raises ``KeyError`` naming the layer and the fix when a layer was not
+    calibrated; ``stats.get(name)`` returns ``None``.
+    """
+
+    def __init__(self, stats: Dict[str, ChannelStats], batches: int, entropy_bins: Optional[int]):
+        self._stats = dict(stats)
+        self.batches = batches
+        self.entropy_bins = entropy_bins
+
+    def __getitem__(self, name: str) -> ChannelStats:
+        try:
+            return self._stats[name]
+        except KeyError:
+            raise KeyError(
+                f"no input statistics for layer {name!r}: it was not calibrated. Run "
+                "stats = vnm.calibrate(model, batches) on a model containing it (without a `layers` "
+                "filter that leaves it out)"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens seen by the first calibrated layer (0 if none)."""
+        return next(iter(self._stats.values())).count if self._stats else 0
+
+    def __repr__(self) -> str:
+        return (f"Calibration({len(self)} layers, {self.batches} batches, {self.tokens} tokens, "
+                f"entropy_bins={self.entropy_bins})")
+
+
+# ---- accumulation -------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Running statistics of one layer's inputs. Pass 1: count, sums, range. Pass 2: histogram."""
+
+    def __init__(self, name: str, K: int):
+        self.name, self.K = name, K
+        self.count = 0
+        self.sum = self.sumsq = self.minimum = self.maximum = None
+        self.histogram = None
+        self.bins = 0
+        self.pass_no = 1
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.K:
+            raise ValueError(f"layer {self.name!r} received inputs with {x.shape[-1]} channels, expected {self.K}")
+        x = x.detach().reshape(-1, self.K).float()
+        if x.shape[0] == 0:
+            return
+        if self.pass_no == 1:
+            self._add_moments(x)
+        else:
+            self._add_histogram(x)
+
+    def _add_moments(self, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"layer {self.name!r} received NaN/Inf inputs during calibration; the model's "
+                "activations overflow (check its dtype or the calibration batches)"
+            )
+        s = x.sum(0, dtype=torch.float64)
+        sq = (x * x).sum(0, dtype=torch.float64)
+        lo, hi = x.amin(0), x.amax(0)
+        if self.sum is None:
+            self.sum, self.sumsq, self.minimum, self.maximum = s, sq, lo, hi
+        else:
+            self.sum += s
+            self.sumsq += sq
+            self.minimum = torch.minimum(self.minimum, lo)
+            self.maximum = torch.maximum(self.maximum, hi)
+        self.count += x.shape[0]
+
+    def start_histogram(self, bins: int) -> None:
+        self.pass_no, self.bins = 2, bins
+        if self.minimum is not None:
+            self.histogram = torch.zeros((self.K, bins), dtype=torch.int64, device=self.minimum.device)
+
+    def _add_histogram(self, x: torch.Tensor) -> None:
+        if self.histogram is None:
+            return
+        lo = self.minimum
+        width = (self.maximum - lo) / self.bins
+        # Constant channels (width 0) put every value in bin 0; the clamp also catches the value
+        # equal to the maximum (which would land in bin `bins`) and float round-off at the edges.
+        scaled = torch.where(width > 0, (x - lo) / torch.where(width > 0, width, 1.0), 0.0)
+        idx = scaled.floor().clamp_(0, self.bins - 1).long()
+        idx += torch.arange(self.K, device=x.device) * self.bins
+        self.histogram += torch.bincount(idx.flatten(), minlength=self.K * self.bins).view(self.K, self.bins)
+
+    def result(self) -> ChannelStats:
+        if self.sum is None:  # the layer never ran: zero statistics, noticed by the scores
+            z64 = torch.zeros(self.K, dtype=torch.float64)
+            z32 = torch.zeros(self.K)
+            return ChannelStats(self.name, 0, z64, z64.clone(), z32, z32.clone(), None)
+        return ChannelStats(
+            self.name, self.count, self.sum.cpu(), self.sumsq.cpu(), self.minimum.cpu(), self.maximum.cpu(),
+            None if self.histogram is None else self.histogram.cpu(),
+        )
+
+
+class _TokenMask:
+    """The attention mask of the batch being run, shared by all hooks (None: count every row)."""
+
+    def __init__(self):
+        self.mask: Optional[torch.Tensor] = None
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask
+        if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            return x[m.to(x.device)]
+        return x
+
+
+@contextlib.contextmanager
+def _hooks(modules: Dict[str, nn.Module], accs: Dict[str, _Accumulator], token_mask: _TokenMask):
+    handles = []
+    for name, module in modules.items():
+        acc = accs[name]
+
+        def pre_hook(_module, args, acc=acc):
+            if args and isinstance(args[0], torch.Tensor):
+                acc.add(token_mask.select(args[0]))
+
+        handles.append(module.register_forward_pre_hook(pre_hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _batch_token_mask(batch: Any) -> Optional[torch.Tensor]:
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            return m.bool()
+    return None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _run_model(model: nn.Module, batch: Any) -> Any:
+    """model(**batch) for a mapping, model(*batch) for a list/tuple, model(batch) otherwise."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    return model(batch)
+
+
+def _reiterable(batches: Iterable) -> Sequence:
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise TypeError("batches must be an iterable of batches (e.g. a list of tokenizer outputs), "
+                        "not a single batch; wrap it in a list: [batch]")
+    out = batches if isinstance(batches, Sequence) else list(batches)
+    if len(out) == 0:
+        raise ValueError("batches is empty: calibration needs at least one batch of inputs")
+    return out
+
+
+@contextlib.contextmanager
+def _eval_no_cache(model: nn.Module):
+    """Eval mode (no dropout) and no KV cache while calibrating; both restored afterwards."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    had_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if had_cache is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        if had_cache is not None:
+            config.use_cache = had_cache
+
+
+def _check_bins(entropy_bins: Optional[int]) -> None:
+    if entropy_bins is not None and (not isinstance(entropy_bins, int) or entropy_bins < 2):
+        raise ValueError(f"entropy_bins must be an integer >= 2 or None (no histogram), got {entropy_bins!r}")
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    layers: LayerFilter = None,
+    *,
+    entropy_bins: Optional[int] = DEFAULT_ENTROPY_BINS,
+    progress: bool = True,
+) -> Calibration:
+    """Input-channel statistics of the model's prunable layers over ``batches``.
+
+    ``batches``: inputs of ``model``, each a mapping (``model(**batch)``, e.g. tokenizer output),
+    a tuple (``model(*batch)``) or a tensor (``model(batch)``); moved to the model's device.
+    ``layers``: which layers to hook (see :func:`vnm.layers.prunable_layers`); default all.
+    ``entropy_bins``: bins of the per-channel histogram behind the entropy score (the batches are
+    then run twice); ``None`` skips it. The model runs in eval mode without gradients and
+    without a KV cache; its training mode is restored afterwards.
+
+    Returns a :class:`Calibration` (``stats[name].l2`` etc.; see the module documentation).
+    """
+    _check_bins(entropy_bins)
+    modules = prunable_layers(model, layers)
+    if not modules:
+        raise ValueError("the model has no nn.Linear / Conv1D layers to calibrate (or the `layers` filter matched none)")
+    batches = _reiterable(batches)
+    device = model_device(model)
+    accs = {name: _Accumulator(name, in_features(m)) for name, m in modules.items()}
+    token_mask = _TokenMask()
+    passes = [("calibrate: norms", None)] + ([("calibrate: entropy histograms", entropy_bins)] if entropy_bins else [])
+    with _eval_no_cache(model), _hooks(modules, accs, token_mask):
+        for desc, bins in passes:
+            if bins:
+                for acc in accs.values():
+                    acc.start_histogram(bins)
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                token_mask.mask = _batch_token_mask(batch)
+                _run_model(model, _to_device(batch, device))
+            token_mask.mask = None
+    return Calibration({name: acc.result() for name, acc in accs.items()}, len(batches), entropy_bins)
+
+
+# ---- sequential (block by block) calibration ----------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the first block once its inputs are captured."""
+
+
+# Keyword arguments through which a block would read or extend a KV cache; calibration replays
+# the same inputs many times, so no cache may be carried along.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _capture_block_inputs(model, first_block, batches, device, progress) -> List[Tuple[list, dict, Any]]:
+    captured: List[Tuple[list, dict, Any]] = []
+
+    def pre_hook(_module, args, kwargs):
+        kw = dict(kwargs)
+        for key in _CACHE_KWARGS:
+            if key in kw:
+                kw[key] = None
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        captured.append((list(args), kw, None))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for batch in tqdm(batches, desc="calibrate: block inputs", disable=not progress, leave=False):
+            n = len(captured)
+            try:
+                _run_model(model, _to_device(batch, device))
+            except _StopForward:
+                pass
+            if len(captured) != n + 1:
+                raise ValueError("blocks[0] did not run during the model's forward pass: blocks must be the "
+                                 "model's transformer blocks in execution order (e.g. model.model.layers)")
+            args, kw, _ = captured[-1]
+            captured[-1] = (args, kw, _batch_token_mask(batch))
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden_of(args: list, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: list, kwargs: dict, hidden: torch.Tensor) -> Tuple[list, dict]:
+    if args:
+        return [hidden] + list(args[1:]), kwargs
+    kw = dict(kwargs)
+    kw["hidden_states"] = hidden
+    return list(args), kw
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    hidden = getattr(out, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TypeError(f"cannot find the hidden states in a block's output of type {type(out).__name__}")
+
+
+def calibrate_sequential(
+    model: nn.Module,
+    batches: Iterable,
+    blocks: Sequence[nn.Module],
+    prune_fn: Optional[Callable[[nn.Module, Calibration], Any]] = None,
+    *,
+    entropy_bins: Optional[int] = DEFAULT_ENTROPY_BINS,
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate (and prune) a deep model block by block.
+
+    ``blocks`` are the transformer blocks in execution order (``model.model.layers`` for LLaMA,
+    ``model.transformer.h`` for GPT-2, ``model.encoder.layer`` for BERT). The inputs of
+    ``blocks[0]`` are captured by running ``batches`` through the model once; then for each block
+    in turn: its prunable layers are calibrated on its current inputs, ``prune_fn(block, stats)``
+    is called with that block's statistics (a :class:`Calibration` keyed by full module names of
+    ``model``) and may mask the block's weights in place, and the block's outputs *after*
+    pruning become the next block's inputs. So each block is calibrated on what the already
+    pruned blocks feed it, as in Wanda and SparseGPT. A typical ``prune_fn``::
+
+        lambda block, stats: vnm.apply_masks_(model, vnm.compute_masks(model, "64:2:8", "wanda", stats, layers=list(stats)))
+
+    The block inputs of every batch (tokens x hidden per batch) are held in memory during the
+    run, as in Wanda and SparseGPT; per-layer statistics stay bounded as in :func:`calibrate`.
+    Layers outside ``blocks`` (embeddings, LM head) are not calibrated. Returns the statistics of
+    every block's layers.
+    """
+    _check_bins(entropy_bins)
+    blocks = list(blocks)
+    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        raise TypeError("blocks must be a non-empty sequence of nn.Module (the model's transformer blocks)")
+    names_of = {id(m): n for n, m in model.named_modules()}
+    prefixes = []
+    for i, b in enumerate(blocks):
+        if id(b) not in names_of:
+            raise ValueError(f"blocks[{i}] ({type(b).__name__}) is not a submodule of the model")
+        prefixes.append(names_of[id(b)])
+    batches = _reiterable(batches)
+    device = model_device(model)
+    all_stats: Dict[str, ChannelStats] = {}
+    with _eval_no_cache(model):
+        inputs = _capture_block_inputs(model, blocks[0], batches, device, progress)
+        bar = tqdm(total=len(blocks), desc="calibrate: blocks", disable=not progress, leave=False)
+        for prefix, block in zip(prefixes, blocks):
+            local = prunable_layers(block)
+            modules = {(f"{prefix}.{n}" if prefix else n): m for n, m in local.items()}
+            accs = {name: _Accumulator(name, in_features(m)) for name, m in modules.items()}
+            token_mask = _TokenMask()
+            passes = [None] + ([entropy_bins] if entropy_bins and modules else [])
+            outputs: List[torch.Tensor] = []
+            with _hooks(modules, accs, token_mask):
+                for bins in passes:
+                    if bins:
+                        for acc in accs.values():
+                            acc.start_histogram(bins)
+                    for args, kw, mask in inputs:
+                        token_mask.mask = mask
+                        out = _block_output(block(*args, **kw))
+                        if bins is None and prune_fn is None:
+                            outputs.append(out)
+                    token_mask.mask = None
+            block_stats = Calibration({n: a.result() for n, a in accs.items()}, len(batches), entropy_bins)
+            all_stats.update(block_stats._stats)
+            if prune_fn is not None:
+                prune_fn(block, block_stats)
+                outputs = [_block_output(block(*args, **kw)) for args, kw, _ in inputs]
+            inputs = [(*_with_hidden(args, kw, out), mask) for (args, kw, mask), out in zip(inputs, outputs)]
+            bar.update(1)
+        bar.close()
+    return Calibration(all_stats, len(batches), entropy_bins)
+
+
+__all__ = ["ChannelStats", "Calibration", "calibrate", "calibrate_sequential", "DEFAULT_ENTROPY_BINS"]

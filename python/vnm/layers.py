@@ -1,0 +1,85 @@
+"""The prunable layers of a model and their weights as R x K matrices.
+
+A prunable layer is an ``nn.Linear`` (weight R x K, ``y = x @ W.T``) or a Hugging Face GPT-2
+``transformers.pytorch_utils.Conv1D``, whose weight is stored transposed (K x R, ``y = x @ W``).
+Everything in vnm that scores, masks or calibrates a layer sees the weight as R x K (output
+features x input features) through :func:`weight_matrix`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Union
+
+import torch
+from torch import nn
+
+LayerFilter = Union[None, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+    except ImportError:  # transformers is optional: without it there is no Conv1D to find
+        return None
+    return Conv1D
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for GPT-2 ``Conv1D`` (weight stored K x R)."""
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an R x K view (output x input features); a transposed view for
+    ``Conv1D``. Writing into the view writes the layer's weight."""
+    if not is_prunable(module):
+        raise TypeError(f"expected an nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    w = module.weight
+    return w.T if is_transposed(module) else w
+
+
+def in_features(module: nn.Module) -> int:
+    """K, the number of input channels of a prunable layer."""
+    return weight_matrix(module).shape[1]
+
+
+def prunable_layers(model: nn.Module, layers: LayerFilter = None) -> Dict[str, nn.Module]:
+    """``{name: module}`` of the model's prunable layers, in ``named_modules`` order.
+
+    ``layers``: ``None`` for all of them; a collection of module names (each must be a prunable
+    layer of the model, else ``ValueError``); or a predicate ``f(name, module) -> bool``.
+    """
+    found = {name: m for name, m in model.named_modules() if is_prunable(m)}
+    if layers is None:
+        return found
+    if callable(layers):
+        return {name: m for name, m in found.items() if layers(name, m)}
+    if isinstance(layers, str):
+        raise TypeError("layers must be a collection of module names or a predicate, not a single string; "
+                        f"use layers=[{layers!r}]")
+    wanted = list(layers)
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        examples = ", ".join(list(found)[:5])
+        raise ValueError(
+            f"{missing[0]!r} is not an nn.Linear / Conv1D of this model ({len(missing)} requested name(s) "
+            f"not found); prunable layers are named like: {examples}"
+        )
+    keep = set(wanted)
+    return {name: m for name, m in found.items() if name in keep}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+__all__ = ["is_prunable", "is_transposed", "weight_matrix", "in_features", "prunable_layers", "LayerFilter"]
