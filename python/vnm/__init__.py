@@ -12,6 +12,32 @@ from .ops import spmm
 from .pattern import Pattern, as_pattern
 from .tensor import VNMTensor
 
+# ---- permutation search and zero-cost permutations (issue 5) ----
+from .permute import (  # noqa: E402
+    PermutationResult,
+    invert_permutation,
+    is_head_preserving,
+    kept_score,
+    permute_attention_values,
+    permute_between,
+    permute_linear_cols,
+    permute_linear_rows,
+    search_permutation,
+)
+
+_PERMUTE_EXPORTS = [
+    "PermutationResult",
+    "invert_permutation",
+    "is_head_preserving",
+    "kept_score",
+    "permute_attention_values",
+    "permute_between",
+    "permute_linear_cols",
+    "permute_linear_rows",
+    "search_permutation",
+]
+# ---- end permutation exports ----
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,3 +50,4 @@ __all__ = [
     "select_mask",
     "spmm",
 ]
+__all__ += _PERMUTE_EXPORTS  # permutation exports (issue 5)
