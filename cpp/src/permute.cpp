@@ -187,6 +187,7 @@ class Search {
   void snake_columns();
   void pair_bounds(int64_t g, int64_t other, Worker& w, double* d);
   double improve_pair(int64_t g1, int64_t g2, Worker& w);
+  bool best_split(int64_t g1, int64_t g2, double tol, Worker& w, int64_t* new_slots);
   double column_round(const std::vector<std::pair<int64_t, int64_t>>& pairs);
   std::vector<std::pair<int64_t, int64_t>> tournament_pairs();
   std::vector<std::pair<int64_t, int64_t>> loss_pairs();
@@ -433,38 +434,66 @@ void Search::pair_bounds(int64_t g, int64_t other, Worker& w, double* d) {
 double Search::improve_pair(int64_t g1, int64_t g2, Worker& w) {
   const int M = g_.M;
   const int64_t RB = g_.RB;
+  // Groups of 4 columns with no column choice (2:4, V:2:4): all 35 ways to split the pair's 8
+  // columns into two groups are cheap to score exactly, and they include the double swaps that
+  // single swaps cannot reach.
+  const bool split_pairs = !g_.choose && M == 4 && real_col_slot(g1 * M + 3) &&
+                           real_col_slot(g2 * M + 3);
   double gained = 0;
   for (int iter = 0; iter < 2 * M; ++iter) {
-    pair_bounds(g1, g2, w, w.d1.data());
-    pair_bounds(g2, g1, w, w.d2.data());
     double pair_value = 0;
     for (int64_t b = 0; b < RB; ++b) pair_value += double(val(b, g1)) + double(val(b, g2));
     // Float sums of V-row blocks: gains below this are rounding, not improvement.
     const double tol = 1e-6 * pair_value + 1e-30;
-    double best = tol;
-    int bi = -1, bj = -1;
-    for (int i = 0; i < M; ++i) {
-      if (!real_col_slot(g1 * M + i)) continue;
-      for (int j = 0; j < M; ++j) {
-        if (!real_col_slot(g2 * M + j)) continue;
-        const double gain = w.d1[size_t(i) * M + j] + w.d2[size_t(j) * M + i];
-        if (gain > best) {
-          best = gain;
-          bi = i;
-          bj = j;
+    int64_t new_slots[2 * kMaxM];
+    bool found = false;
+    if (split_pairs) {
+      found = best_split(g1, g2, tol, w, new_slots);
+    } else {
+      pair_bounds(g1, g2, w, w.d1.data());
+      pair_bounds(g2, g1, w, w.d2.data());
+      double best = tol;
+      int bi = -1, bj = -1;
+      for (int i = 0; i < M; ++i) {
+        if (!real_col_slot(g1 * M + i)) continue;
+        for (int j = 0; j < M; ++j) {
+          if (!real_col_slot(g2 * M + j)) continue;
+          const double gain = w.d1[size_t(i) * M + j] + w.d2[size_t(j) * M + i];
+          if (gain > best) {
+            best = gain;
+            bi = i;
+            bj = j;
+          }
         }
       }
+      if (bi >= 0) {
+        found = true;
+        for (int i = 0; i < M; ++i) {
+          new_slots[i] = col_at_[g1 * M + i];
+          new_slots[M + i] = col_at_[g2 * M + i];
+        }
+        std::swap(new_slots[bi], new_slots[M + bj]);
+      }
     }
-    if (bi < 0) break;
-    std::swap(col_at_[g1 * M + bi], col_at_[g2 * M + bj]);
+    if (!found) break;
+    int64_t old_slots[2 * kMaxM];
+    for (int i = 0; i < M; ++i) {
+      old_slots[i] = col_at_[g1 * M + i];
+      old_slots[M + i] = col_at_[g2 * M + i];
+      col_at_[g1 * M + i] = new_slots[i];
+      col_at_[g2 * M + i] = new_slots[M + i];
+    }
     double delta = 0;
     for (int64_t b = 0; b < RB; ++b) {
       w.vals[b] = eval_block(b, g1, w, &w.sels[size_t(b) * 4]);
       w.vals[RB + b] = eval_block(b, g2, w, &w.sels[size_t(RB + b) * 4]);
       delta += double(w.vals[b]) - double(val(b, g1)) + double(w.vals[RB + b]) - double(val(b, g2));
     }
-    if (!(delta > 0)) {  // the bound was rounding noise: undo and stop
-      std::swap(col_at_[g1 * M + bi], col_at_[g2 * M + bj]);
+    if (!(delta > 0)) {  // the estimate was rounding noise: undo and stop
+      for (int i = 0; i < M; ++i) {
+        col_at_[g1 * M + i] = old_slots[i];
+        col_at_[g2 * M + i] = old_slots[M + i];
+      }
       break;
     }
     for (int64_t b = 0; b < RB; ++b) {
@@ -476,6 +505,67 @@ double Search::improve_pair(int64_t g1, int64_t g2, Worker& w) {
     gained += delta;
   }
   return gained;
+}
+
+// The best of the 35 splits of two full groups of 4 (no column choice) into two groups, scored
+// exactly; writes the new slot contents (g1's 4 then g2's 4) and returns true if it beats the
+// current split by more than `tol`.
+bool Search::best_split(int64_t g1, int64_t g2, double tol, Worker& w, int64_t* new_slots) {
+  const int V = g_.V;
+  const float* cols[8];
+  int64_t ids[8];
+  for (int i = 0; i < 4; ++i) {
+    ids[i] = col_at_[g1 * 4 + i];
+    ids[4 + i] = col_at_[g2 * 4 + i];
+  }
+  for (int i = 0; i < 8; ++i) cols[i] = T_.data() + size_t(ids[i]) * g_.Rp;
+  // splits: 4-subsets of the 8 columns that contain column 0 (the rest is the other group)
+  int splits[35][4];
+  int n = 0;
+  for (int a = 1; a < 8; ++a)
+    for (int b = a + 1; b < 8; ++b)
+      for (int c = b + 1; c < 8; ++c) {
+        splits[n][0] = 0;
+        splits[n][1] = a;
+        splits[n][2] = b;
+        splits[n][3] = c;
+        ++n;
+      }
+  double value[35];
+  for (int k = 0; k < 35; ++k) {
+    int other[4], m = 0;
+    for (int i = 0; i < 8; ++i)
+      if (i != splits[k][0] && i != splits[k][1] && i != splits[k][2] && i != splits[k][3])
+        other[m++] = i;
+    double v = 0;
+    for (int64_t b = 0; b < g_.RB; ++b) {
+      const int64_t r0 = b * V;
+      const float *x0 = cols[splits[k][0]] + r0, *x1 = cols[splits[k][1]] + r0,
+                  *x2 = cols[splits[k][2]] + r0, *x3 = cols[splits[k][3]] + r0;
+      const float *y0 = cols[other[0]] + r0, *y1 = cols[other[1]] + r0, *y2 = cols[other[2]] + r0,
+                  *y3 = cols[other[3]] + r0;
+      float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int r = 0; r < V; r += kLanes)
+        for (int l = 0; l < kLanes; ++l)
+          acc[l] += top2_of4(x0[r + l], x1[r + l], x2[r + l], x3[r + l]) +
+                    top2_of4(y0[r + l], y1[r + l], y2[r + l], y3[r + l]);
+      v += double(combine(acc));
+    }
+    value[k] = v;
+  }
+  (void)w;
+  // split 0 is {0, 1, 2, 3}: the current one
+  int best = 0;
+  for (int k = 1; k < 35; ++k)
+    if (value[k] > value[best]) best = k;
+  if (!(value[best] - value[0] > tol)) return false;
+  int m = 0, o = 4;
+  for (int i = 0; i < 8; ++i) {
+    const bool in = i == splits[best][0] || i == splits[best][1] || i == splits[best][2] ||
+                    i == splits[best][3];
+    new_slots[in ? m++ : o++] = ids[i];
+  }
+  return true;
 }
 
 double Search::column_round(const std::vector<std::pair<int64_t, int64_t>>& pairs) {

@@ -234,6 +234,7 @@ def search_permutation(
 
     row_perm = torch.empty(R, dtype=torch.int64)
     col_perm = torch.empty(K, dtype=torch.int64)
+    info = None
     try:
         info = _C.search_permutation(
             s, R, K, p, float(time_budget), int(seed), rounds, patience_value, bool(permute_rows),
@@ -241,6 +242,9 @@ def search_permutation(
         )
     finally:
         if bar is not None:
+            if info is not None and info["converged"]:  # stopped early: say so, full bar
+                bar.n = bar.total
+                bar.set_postfix_str(f"{bar.postfix}, converged", refresh=False)
             bar.close()
 
     sd = s.double()
