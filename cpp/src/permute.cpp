@@ -144,6 +144,40 @@ struct Worker {
   }
 };
 
+// Values a V:2:M or 2:M pattern keeps in a row of K columns.
+int64_t kept_per_row(int64_t K, int M) { return 2 * (K / M) + std::min<int64_t>(2, K % M); }
+
+// Sum (double) over rows of each row's best kept_per_row scores: an upper bound of every valid
+// mask, and apex ASP's "50% rows" reference at 2:4.
+double unstructured_rows_kept(const float* S, int64_t R, int64_t K, int M) {
+  const int64_t keep = kept_per_row(K, M);
+  std::vector<double> per_row(R, 0.0);
+  parallel_for(R, std::max<int64_t>(1, int64_t(kMinParallelWork / double(K))), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t r = begin; r < end; ++r) {
+      std::copy_n(S + size_t(r) * K, K, row.begin());
+      std::nth_element(row.begin(), row.begin() + (keep - 1), row.end(), std::greater<float>());
+      double sum = 0;
+      for (int64_t i = 0; i < keep; ++i) sum += row[i];
+      per_row[r] = sum;
+    }
+  });
+  double total = 0;
+  for (double x : per_row) total += x;
+  return total;
+}
+
+// Sum (double) of the R * kept_per_row best scores of the whole matrix: unstructured pruning at
+// the pattern's density.
+double unstructured_kept(const float* S, int64_t R, int64_t K, int M) {
+  const int64_t keep = R * kept_per_row(K, M);
+  std::vector<float> all(S, S + size_t(R) * K);
+  std::nth_element(all.begin(), all.begin() + (keep - 1), all.end(), std::greater<float>());
+  double total = 0;
+  for (int64_t i = 0; i < keep; ++i) total += all[i];
+  return total;
+}
+
 class Search {
  public:
   Search(const float* S, const Geometry& geo, const PermuteOptions& opt)
@@ -800,18 +834,8 @@ PermuteResult Search::run(const PermuteCallback& progress) {
     colsum_[c] = s;
   }
   // No mask keeps more than every row's own best 2 per group: reaching that bound is optimal.
-  double row_bound = 0;
-  {
-    const int64_t keep = 2 * (g_.K / g_.M) + std::min<int64_t>(2, g_.K % g_.M);
-    std::vector<float> row(g_.K);
-    for (int64_t r = 0; r < g_.R; ++r) {
-      std::copy_n(S_ + size_t(r) * g_.K, g_.K, row.begin());
-      std::nth_element(row.begin(), row.begin() + (keep - 1), row.end(), std::greater<float>());
-      double sum = 0;
-      for (int64_t i = 0; i < keep; ++i) sum += row[i];
-      row_bound += sum;
-    }
-  }
+  const double row_bound = unstructured_rows_kept(S_, g_.R, g_.K, g_.M);
+  res.kept_unstructured_rows = row_bound;
   eval_all();
   const double identity_total = total_;
   // float block sums carry relative rounding of about 1e-7
@@ -819,6 +843,8 @@ PermuteResult Search::run(const PermuteCallback& progress) {
   std::vector<int64_t> best_cols = col_at_, best_rows = row_at_;
   double best_total = total_;
   if (cols_enabled_) {
+    std::vector<float> identity_val(val_);
+    std::vector<uint8_t> identity_sel(sel_);
     snake_columns();
     eval_all();
     if (total_ > best_total) {
@@ -826,7 +852,9 @@ PermuteResult Search::run(const PermuteCallback& progress) {
       best_cols = col_at_;
     } else {
       col_at_ = best_cols;
-      eval_all();
+      val_.swap(identity_val);
+      sel_.swap(identity_sel);
+      total_ = best_total;
     }
   }
 
@@ -1061,6 +1089,18 @@ PermuteResult search_permutation(const float* scores, int64_t R, int64_t K, cons
   Search search(scores, geo, options);
   PermuteResult res = search.run(progress);
   res.kept_identity = exact_kept(scores, R, K, p, nullptr, nullptr);
+  res.kept_unstructured = unstructured_kept(scores, R, K, p.M);
+  {
+    // a random permutation of the permutable axes, drawn from the seed: the baseline that tells
+    // whether the given order was special
+    Rng rng(options.seed ^ 0x9E3779B97F4A7C15ull);
+    std::vector<int64_t> rows(R), cols(K);
+    std::iota(rows.begin(), rows.end(), int64_t(0));
+    std::iota(cols.begin(), cols.end(), int64_t(0));
+    if (geo.choose) rng.shuffle(rows);
+    rng.shuffle(cols);
+    res.kept_random = exact_kept(scores, R, K, p, rows.data(), cols.data());
+  }
   res.kept = exact_kept(scores, R, K, p, res.row_perm.data(), res.col_perm.data());
   if (!(res.kept > res.kept_identity)) {  // not beaten: the identity is the answer
     std::iota(res.row_perm.begin(), res.row_perm.end(), int64_t(0));

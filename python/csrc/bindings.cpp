@@ -239,6 +239,9 @@ NB_MODULE(_C, m) {
     nb::dict d;
     d["kept_identity"] = res.kept_identity;
     d["kept"] = res.kept;
+    d["kept_random"] = res.kept_random;
+    d["kept_unstructured_rows"] = res.kept_unstructured_rows;
+    d["kept_unstructured"] = res.kept_unstructured;
     d["rounds"] = res.rounds;
     d["escapes"] = res.escapes;
     d["seconds"] = res.seconds;

@@ -118,12 +118,6 @@ class PermutationResult:
         return out
 
 
-def _pattern_row_count(pattern: Pattern, K: int) -> int:
-    """Values the pattern keeps in one row of K columns."""
-    full, rest = divmod(K, pattern.M)
-    return pattern.N * full + min(pattern.N, rest)
-
-
 def kept_score(scores: torch.Tensor, pattern: PatternLike) -> float:
     """Sum (float64) of the scores that :func:`vnm.select_mask` keeps under ``pattern``."""
     p = as_pattern(pattern)
@@ -247,21 +241,16 @@ def search_permutation(
                 bar.set_postfix_str(f"{bar.postfix}, converged", refresh=False)
             bar.close()
 
-    sd = s.double()
-    per_row = _pattern_row_count(p, K)
-    g = torch.Generator().manual_seed(int(seed) % 2**63)
-    random_rows = torch.randperm(R, generator=g) if (p.is_vnm and p.M > 4) else torch.arange(R)
-    random_cols = torch.randperm(K, generator=g)
     return PermutationResult(
         row_perm=row_perm,
         col_perm=col_perm,
         pattern=p,
         kept_identity=float(info["kept_identity"]),
         kept=float(info["kept"]),
-        kept_random=kept_score(s[random_rows][:, random_cols], p),
-        kept_unstructured_rows=float(sd.topk(per_row, dim=1).values.sum()),
-        kept_unstructured=float(sd.flatten().topk(per_row * R).values.sum()),
-        total=float(sd.sum()),
+        kept_random=float(info["kept_random"]),
+        kept_unstructured_rows=float(info["kept_unstructured_rows"]),
+        kept_unstructured=float(info["kept_unstructured"]),
+        total=float(s.sum(dtype=torch.float64)),
         seconds=float(info["seconds"]),
         rounds=int(info["rounds"]),
         escapes=int(info["escapes"]),

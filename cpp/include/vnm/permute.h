@@ -60,6 +60,13 @@ struct PermuteResult {
   std::vector<int64_t> col_perm;  // K entries
   double kept_identity = 0;  // sum, in double, of the scores select_mask keeps on S
   double kept = 0;           // the same on S[row_perm][:, col_perm]; always >= kept_identity
+  // References, sums in double: one random permutation (rows too where they matter) drawn from
+  // the seed; every row keeping its own best values, as many as the pattern keeps per row (apex
+  // ASP's "50% rows" at 2:4, an upper bound of every valid mask); the best values of the whole
+  // matrix at the same density (unstructured pruning).
+  double kept_random = 0;
+  double kept_unstructured_rows = 0;
+  double kept_unstructured = 0;
   int64_t rounds = 0;
   int64_t escapes = 0;
   double seconds = 0;  // wall time of the whole call
