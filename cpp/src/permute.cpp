@@ -16,9 +16,12 @@
 //    three of the set, so all M x M swaps of a pair cost O(M * 4 * V) per block instead of M^2
 //    exact re-selections. The best swap with a positive bound is applied and its two groups are
 //    re-evaluated exactly (undone if the exact total did not rise), until the pair has no
-//    improving swap. Pairings alternate between a round-robin tournament (every pair once per
-//    sweep, so "no swap in a whole sweep" is a local optimum) and pairing the groups that lose
-//    the most score with those that lose the least.
+//    improving swap. For groups of 4 with no column choice (2:4, V:2:4) the pair move is exact
+//    and larger instead: the best of the 35 ways to split the pair's 8 columns into two groups
+//    (double swaps included). Pairings alternate between a round-robin tournament (every pair
+//    once per sweep, so "no swap in a whole sweep" is a local optimum) and pairing the groups
+//    that lose the most score with those that lose the least. With segments (e.g. heads),
+//    columns only trade places inside their segment.
 //  * Row phase (V:2:M with M > 4). With every block's 4 columns fixed, the kept score of row r
 //    placed in row block b is v(r, b) = sum_g top2(S[r, selected(b, g)]), and the total is
 //    linear in the assignment of rows to blocks, like an assignment step of k-means with blocks
@@ -192,9 +195,13 @@ class Search {
     colsum_.assign(g_.Kp, 0.0);
     rows_enabled_ = opt.permute_rows && g_.choose && g_.RB > 1 &&
                     (opt.row_segment == 0 || opt.row_segment > g_.V);
+    col_seg_ = opt.col_segment;
+    seg_aligned_ = col_seg_ == 0 || col_seg_ % g_.M == 0;
     cols_enabled_ = opt.permute_cols && g_.G > 1 &&
-                    (opt.col_segment == 0 || opt.col_segment > g_.M);
-    col_seg_groups_ = opt.col_segment > 0 ? opt.col_segment / g_.M : g_.G;
+                    (col_seg_ == 0 || (seg_aligned_ ? col_seg_ > g_.M : col_seg_ > 1));
+    // Segments made of whole groups are paired inside themselves; otherwise groups are paired
+    // globally and only swaps inside one segment are allowed.
+    col_seg_groups_ = (col_seg_ > 0 && seg_aligned_) ? col_seg_ / g_.M : g_.G;
     row_seg_blocks_ = opt.row_segment > 0 ? opt.row_segment / g_.V : g_.RB;
     pair_work_ = double(g_.RB) * 2.0 * (2.0 * g_.M) * g_.set_size * g_.V * 2.0;
     block_work_ = g_.choose ? double(g_.V) * 70.0 * 2.0 : double(g_.V) * g_.M * 2.0;
@@ -207,6 +214,15 @@ class Search {
   const float* column(int64_t slot) const { return T_.data() + size_t(col_at_[slot]) * g_.Rp; }
   bool real_col_slot(int64_t slot) const { return col_at_[slot] < g_.K; }
   bool real_row_slot(int64_t slot) const { return row_at_[slot] < g_.R; }
+  // Whether the columns in two slots may trade places (they sit in the same segment).
+  bool same_segment(int64_t a, int64_t b) const { return col_seg_ == 0 || a / col_seg_ == b / col_seg_; }
+  // Whether any column of g1 may trade places with a column of g2.
+  bool groups_share_segment(int64_t g1, int64_t g2) const {
+    if (col_seg_ == 0) return true;
+    const int64_t M = g_.M;
+    return g1 * M / col_seg_ <= (g2 * M + M - 1) / col_seg_ &&
+           g2 * M / col_seg_ <= (g1 * M + M - 1) / col_seg_;
+  }
   float& val(int64_t b, int64_t g) { return val_[size_t(b) * g_.G + g]; }
   uint8_t* sel(int64_t b, int64_t g) { return sel_.data() + (size_t(b) * g_.G + g) * 4; }
 
@@ -240,6 +256,8 @@ class Search {
   std::vector<double> colsum_;    // per column: sum over rows (the score a group holds)
   double total_ = 0;
   bool rows_enabled_ = false, cols_enabled_ = false;
+  int64_t col_seg_ = 0;  // columns per segment (0: no segments)
+  bool seg_aligned_ = true;  // segments are made of whole column groups
   int64_t col_seg_groups_ = 0, row_seg_blocks_ = 0;
   double pair_work_ = 0, block_work_ = 0;
   // tournament state: shuffled group labels per segment and the next round of the sweep
@@ -471,8 +489,9 @@ double Search::improve_pair(int64_t g1, int64_t g2, Worker& w) {
   // Groups of 4 columns with no column choice (2:4, V:2:4): all 35 ways to split the pair's 8
   // columns into two groups are cheap to score exactly, and they include the double swaps that
   // single swaps cannot reach.
-  const bool split_pairs = !g_.choose && M == 4 && real_col_slot(g1 * M + 3) &&
+  const bool split_pairs = !g_.choose && M == 4 && seg_aligned_ && real_col_slot(g1 * M + 3) &&
                            real_col_slot(g2 * M + 3);
+  if (!groups_share_segment(g1, g2)) return 0.0;
   double gained = 0;
   for (int iter = 0; iter < 2 * M; ++iter) {
     double pair_value = 0;
@@ -491,7 +510,7 @@ double Search::improve_pair(int64_t g1, int64_t g2, Worker& w) {
       for (int i = 0; i < M; ++i) {
         if (!real_col_slot(g1 * M + i)) continue;
         for (int j = 0; j < M; ++j) {
-          if (!real_col_slot(g2 * M + j)) continue;
+          if (!real_col_slot(g2 * M + j) || !same_segment(g1 * M + i, g2 * M + j)) continue;
           const double gain = w.d1[size_t(i) * M + j] + w.d2[size_t(j) * M + i];
           if (gain > best) {
             best = gain;
@@ -792,9 +811,9 @@ void Search::escape() {
       // a random real column and a random real column of another group of the same segment
       const int64_t s1 = rng_.below(g_.K);
       const int64_t g1 = s1 / M;
-      const int64_t seg0 = (g1 / col_seg_groups_) * col_seg_groups_;
-      const int64_t seg_slots = std::min(g_.G, seg0 + col_seg_groups_) * M - seg0 * M;
-      const int64_t s2 = seg0 * M + rng_.below(seg_slots);
+      const int64_t seg = col_seg_ > 0 ? col_seg_ : g_.K;
+      const int64_t seg0 = (s1 / seg) * seg;
+      const int64_t s2 = seg0 + rng_.below(std::min(seg, g_.K - seg0));
       if (s2 / M == g1 || !real_col_slot(s1) || !real_col_slot(s2)) continue;
       std::swap(col_at_[s1], col_at_[s2]);
       changed[g1] = changed[s2 / M] = 1;
@@ -842,7 +861,7 @@ PermuteResult Search::run(const PermuteCallback& progress) {
   auto optimal = [&](double value) { return value >= row_bound * (1.0 - 1e-6); };
   std::vector<int64_t> best_cols = col_at_, best_rows = row_at_;
   double best_total = total_;
-  if (cols_enabled_) {
+  if (cols_enabled_ && seg_aligned_) {
     std::vector<float> identity_val(val_);
     std::vector<uint8_t> identity_sel(sel_);
     snake_columns();
@@ -1073,11 +1092,9 @@ PermuteResult search_permutation(const float* scores, int64_t R, int64_t K, cons
   geo.G = ceil_div(K, geo.M);
   geo.Rp = geo.RB * geo.V;
   geo.Kp = geo.G * geo.M;
-  if (options.col_segment < 0 || (options.col_segment > 0 &&
-                                  (options.col_segment % p.M != 0 || K % options.col_segment != 0)))
-    fail("col_segment must be 0 (no restriction) or a multiple of M=" + std::to_string(p.M) +
-         " that divides the column count " + std::to_string(K) + "; got " +
-         std::to_string(options.col_segment));
+  if (options.col_segment < 0 || (options.col_segment > 0 && K % options.col_segment != 0))
+    fail("col_segment must be 0 (no restriction) or divide the column count " +
+         std::to_string(K) + "; got " + std::to_string(options.col_segment));
   if (options.row_segment < 0 ||
       (options.row_segment > 0 && geo.choose &&
        (options.row_segment % geo.V != 0 || R % options.row_segment != 0)))

@@ -177,8 +177,8 @@ def search_permutation(
 
     ``col_segment`` / ``row_segment``: keep every consecutive segment of that many columns / rows
     in place (the permutation maps it onto itself), e.g. ``col_segment=head_dim`` for the input
-    columns of an attention output projection. A column segment must be a multiple of M, a row
-    segment a multiple of V.
+    columns of an attention output projection. A column segment must divide K (it need not be a
+    multiple of M: head_dim 64 works with 64:2:5); a row segment must be a multiple of V.
 
     The result is never worse than the identity: both are scored exactly at the end and the
     identity is returned unless it is beaten.

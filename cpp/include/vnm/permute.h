@@ -36,7 +36,8 @@ struct PermuteOptions {
   bool permute_cols = true;  // search a column permutation
   // Restrict the permutations to map every consecutive segment of this many columns (rows) onto
   // itself, e.g. head_dim for the input columns of an attention output projection. 0: no
-  // restriction. A column segment must be a multiple of M and a row segment a multiple of V.
+  // restriction. A column segment must divide K; a row segment must be a multiple of V that
+  // divides R.
   int64_t col_segment = 0;
   int64_t row_segment = 0;
 };
