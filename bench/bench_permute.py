@@ -106,6 +106,7 @@ def main():
     print(f"# CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, vnm threads "
           f"{_C.num_threads()}, torch {torch.__version__}")
     print(f"# command: python bench/bench_permute.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"# load average at start (other jobs share these cores): {os.getloadavg()[0]:.1f}")
 
     # apex's random matrix at 2:4 (and four more seeds of the same distribution)
     print(f"\n### apex's random matrix (uniform, 128 rows x 64 columns), 2:4, budget {args.apex_budget:g} s\n")

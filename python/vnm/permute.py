@@ -226,6 +226,12 @@ def search_permutation(
                                    kept_identity=kept_identity, kept_best=kept_best, gain=gain))
             return keep_going is None or bool(keep_going)
 
+    if callback is None:
+        # Still call into Python a few times a second: that is where a pending Ctrl-C is raised
+        # (the search runs without the GIL), stopping the search with KeyboardInterrupt.
+        def callback(*_):
+            return True
+
     row_perm = torch.empty(R, dtype=torch.int64)
     col_perm = torch.empty(K, dtype=torch.int64)
     info = None
