@@ -22,58 +22,14 @@
 #include <stdexcept>
 #include <vector>
 
+#include "block_select.h"
 #include "vnm/core.h"
 #include "vnm/parallel.h"
 
 namespace vnm {
-namespace {
+namespace detail {
 
-constexpr int kLanes = 8;
-
-// Sum over rows of f(r), in kLanes interleaved partial sums combined in a fixed order.
-template <typename F>
-inline float lane_sum(int V, F&& f) {
-  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int r = 0;
-  for (; r + kLanes <= V; r += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += f(r + l);
-  for (; r < V; ++r) acc[r % kLanes] += f(r);
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
-}
-
-// Per-thread scratch for one block, column-major: col(c)[r] is the score of row r, column c.
-struct BlockScratch {
-  int V = 0, M = 0;
-  std::vector<float> nat;         // M x V, columns in natural order (the block as loaded)
-  std::vector<float> s;           // M x V, columns in search order
-  std::vector<float> suf1, suf2;  // (M + 1) x V: best and second best of columns >= i
-  std::vector<float> t1a, t2a;    // V: top two after a, b
-  std::vector<float> t1b, t2b;    // V: top two after a, b, c
-  std::vector<int> order;         // search position -> column offset
-
-  void resize(int V_, int M_) {
-    V = V_;
-    M = M_;
-    nat.assign(size_t(M) * V, 0.0f);
-    s.assign(size_t(M) * V, 0.0f);
-    suf1.assign(size_t(M + 1) * V, 0.0f);
-    suf2.assign(size_t(M + 1) * V, 0.0f);
-    t1a.assign(V, 0.0f);
-    t2a.assign(V, 0.0f);
-    t1b.assign(V, 0.0f);
-    t2b.assign(V, 0.0f);
-    order.resize(M);
-  }
-  float* natural(int c) { return nat.data() + size_t(c) * V; }
-  float* col(int i) { return s.data() + size_t(i) * V; }
-  float* s1(int i) { return suf1.data() + size_t(i) * V; }
-  float* s2(int i) { return suf2.data() + size_t(i) * V; }
-};
-
-// Finds the best 4 columns of the block loaded in b.nat; writes their offsets, ascending, to best[].
-void best_columns(BlockScratch& b, int best[4]) {
+float best_columns(BlockScratch& b, int best[4]) {
   const int V = b.V, M = b.M;
   // Search order: descending column sum, ties by offset.
   float colsum[kMaxM];
@@ -142,6 +98,7 @@ void best_columns(BlockScratch& b, int best[4]) {
   }
   for (int i = 0; i < 4; ++i) best[i] = b.order[best_pos[i]];
   std::sort(best, best + 4);
+  return best_value;
 }
 
 [[noreturn]] void bad_score(const float* scores, int64_t i, int64_t K) {
@@ -155,6 +112,14 @@ void check_scores(const float* scores, int64_t n, int64_t K) {
   for (int64_t i = 0; i < n; ++i)
     if (!(scores[i] >= 0.0f) || std::isinf(scores[i])) bad_score(scores, i, K);
 }
+
+}  // namespace detail
+
+namespace {
+
+using detail::BlockScratch;
+using detail::best_columns;
+using detail::check_scores;
 
 void select_vnm(const float* scores, int64_t R, int64_t K, const Pattern& p, uint8_t* mask) {
   const int V = p.row_block(), M = p.M;

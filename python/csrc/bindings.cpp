@@ -18,6 +18,7 @@
 #include "vnm/mma_model.h"
 #include "vnm/pack.h"
 #include "vnm/parallel.h"
+#include "vnm/permute.h"
 
 #ifdef VNM_WITH_CUDA
 #include "vnm/cuda.h"
@@ -32,6 +33,7 @@ using Any = nb::ndarray<nb::device::cpu, nb::c_contig>;
 using U8 = nb::ndarray<uint8_t, nb::device::cpu, nb::c_contig>;
 using F32 = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
 using I32 = nb::ndarray<int32_t, nb::device::cpu, nb::c_contig>;
+using I64 = nb::ndarray<int64_t, nb::device::cpu, nb::c_contig>;
 
 vnm::DType to_dtype(int code) {
   if (code < 0 || code > 2) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
@@ -528,6 +530,65 @@ NB_MODULE(_C, m) {
     for (int64_t i = 0; i < n; ++i)
       vnm::store_from_float(d, dst.data(), i, vnm::load_as_float(s, src.data(), i));
   }, "src"_a, "src_dtype"_a, "dst"_a, "dst_dtype"_a);
+
+  // ---- permutation search (issue 5) ------------------------------------------------------------
+  // The search runs with the GIL released; the progress callable (or None) is called between
+  // rounds from this thread with the GIL re-acquired, and whatever it raises (KeyboardInterrupt
+  // included) stops the search and propagates.
+  m.def("search_permutation", [](const F32& scores, int64_t R, int64_t K, const vnm::Pattern& p,
+                                 double time_budget, uint64_t seed, int64_t max_rounds,
+                                 int64_t patience, bool permute_rows, bool permute_cols,
+                                 int64_t col_segment, int64_t row_segment, nb::object progress,
+                                 I64 row_perm, I64 col_perm) {
+    expect(scores, R * K, 4, "scores");
+    expect(row_perm, R, 8, "row_perm");
+    expect(col_perm, K, 8, "col_perm");
+    vnm::PermuteOptions opt;
+    opt.time_budget_s = time_budget;
+    opt.seed = seed;
+    opt.max_rounds = max_rounds;
+    opt.patience = patience;
+    opt.permute_rows = permute_rows;
+    opt.permute_cols = permute_cols;
+    opt.col_segment = col_segment;
+    opt.row_segment = row_segment;
+    vnm::PermuteCallback callback;
+    if (!progress.is_none()) {
+      callback = [&progress](const vnm::PermuteProgress& pr) {
+        nb::gil_scoped_acquire acquire;
+        nb::object keep_going = progress(pr.elapsed_s, pr.rounds, pr.escapes, pr.kept_identity,
+                                         pr.kept_best);
+        return keep_going.is_none() || nb::cast<bool>(keep_going);
+      };
+    }
+    vnm::PermuteResult res;
+    {
+      nb::gil_scoped_release release;
+      res = vnm::search_permutation(scores.data(), R, K, p, opt, callback);
+    }
+    std::copy(res.row_perm.begin(), res.row_perm.end(), row_perm.data());
+    std::copy(res.col_perm.begin(), res.col_perm.end(), col_perm.data());
+    nb::dict d;
+    d["kept_identity"] = res.kept_identity;
+    d["kept"] = res.kept;
+    d["kept_random"] = res.kept_random;
+    d["kept_unstructured_rows"] = res.kept_unstructured_rows;
+    d["kept_unstructured"] = res.kept_unstructured;
+    d["rounds"] = res.rounds;
+    d["escapes"] = res.escapes;
+    d["seconds"] = res.seconds;
+    d["converged"] = res.converged;
+    return d;
+  }, "scores"_a, "R"_a, "K"_a, "pattern"_a, "time_budget"_a, "seed"_a, "max_rounds"_a,
+        "patience"_a, "permute_rows"_a, "permute_cols"_a, "col_segment"_a, "row_segment"_a,
+        "progress"_a.none(), "row_perm"_a, "col_perm"_a);
+
+  m.def("kept_score", [](const F32& scores, int64_t R, int64_t K, const vnm::Pattern& p) {
+    expect(scores, R * K, 4, "scores");
+    return vnm::kept_score(scores.data(), R, K, p);
+  }, "scores"_a, "R"_a, "K"_a, "pattern"_a, nb::call_guard<nb::gil_scoped_release>(),
+        "Sum, in double, of the scores select_mask keeps.");
+  // ---- end permutation search ------------------------------------------------------------------
 
   m.def("num_threads", &vnm::num_threads, "Threads the C++ core uses.");
   m.def("set_num_threads", &vnm::set_num_threads, "n"_a,

@@ -31,6 +31,32 @@ from .pruning import apply_masks_, compute_masks, kept_fraction, layer_scores
 from .reports import KeptReport, report
 # ---- issue 4 (end) ----
 
+# ---- permutation search and zero-cost permutations (issue 5) ----
+from .permute import (  # noqa: E402
+    PermutationResult,
+    invert_permutation,
+    is_head_preserving,
+    kept_score,
+    permute_attention_values,
+    permute_between,
+    permute_linear_cols,
+    permute_linear_rows,
+    search_permutation,
+)
+
+_PERMUTE_EXPORTS = [
+    "PermutationResult",
+    "invert_permutation",
+    "is_head_preserving",
+    "kept_score",
+    "permute_attention_values",
+    "permute_between",
+    "permute_linear_cols",
+    "permute_linear_rows",
+    "search_permutation",
+]
+# ---- end permutation exports ----
+
 __all__ = [
     "CUDA_BUILT",
     "SparsifyConfig",
@@ -67,3 +93,4 @@ __all__ = [
     "weight_matrix",
     # ---- issue 4 (end) ----
 ]
+__all__ += _PERMUTE_EXPORTS  # permutation exports (issue 5)
