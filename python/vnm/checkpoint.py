@@ -23,7 +23,8 @@ from torch import nn
 
 from ._version import __version__
 from .nn import VNMLinear
-from .sparsify import _set_module, is_linear
+from .layers import is_prunable
+from .sparsify import _set_module
 from .tensor import VNMTensor
 
 FORMAT_VERSION = 1
@@ -131,7 +132,7 @@ def load(path: Union[str, os.PathLike], model_or_config) -> nn.Module:
             dense = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: sparse layer {name!r} does not exist in {type(model).__name__}") from None
-        if not is_linear(dense) and not isinstance(dense, VNMLinear):
+        if not is_prunable(dense) and not isinstance(dense, VNMLinear):
             raise ValueError(f"{path}: {name!r} is a {type(dense).__name__} in the model, not a linear layer")
         shape = tuple(info.get("shape", ()))
         expected = _linear_shape(dense)

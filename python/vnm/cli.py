@@ -70,7 +70,7 @@ def prune_model(source: Path, pattern: str, score: str, permute, calib: List[str
         save(model, out / CHECKPOINT_NAME)
         info = {"source": str(source), "pattern": pattern, "score": score, "permute": permute,
                 "dtype": str(dtype).replace("torch.", ""),
-                "layers": [vars(r) for r in report.layers]}
+                "layers": [r.to_dict() for r in report.layers]}
         (out / PRUNE_INFO).write_text(json.dumps(info, indent=1))
     return model, tok, report
 

@@ -90,7 +90,8 @@ def _head_geometry(attn: nn.Module, value_features: int) -> Tuple[int, int, int]
 
 
 def _features_out(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else m.nf  # Conv1D
+    out = getattr(m, "out_features", None)  # nn.Linear, VNMLinear
+    return out if out is not None else m.nf  # GPT-2 Conv1D
 
 
 def edges_of_block(prefix: str, block: nn.Module) -> List[object]:

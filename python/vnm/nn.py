@@ -13,19 +13,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .layers import weight_matrix
 from .mask import select_mask
 from .ops import spmm_storage
 from .pattern import PatternLike, as_pattern, require_compressible
 from .tensor import VNMTensor, check_perm
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The (out_features x in_features) weight of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.t()  # Conv1D stores (in_features, out_features)
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
 class VNMLinear(nn.Module):
@@ -60,7 +52,7 @@ class VNMLinear(nn.Module):
         magnitude is selected. With ``perm`` the layer computes ``x[..., perm] @ W[:, perm].T``: the
         same function, with columns regrouped, and ``mask`` is then a mask of ``W[:, perm]``.
         """
-        weight = linear_weight(linear).detach()
+        weight = weight_matrix(linear).detach()
         out_features, in_features = weight.shape
         if perm is not None:
             perm = check_perm(perm, in_features).to(weight.device)

@@ -5,6 +5,13 @@ which score, which calibration data and whether to search channel permutations; 
 picks layers by module and name. Layers that should stay dense (embeddings are never linear
 layers; by default the LM head, classifier and pooler) or whose shape cannot be served are
 skipped, and the report says which and why.
+
+Permutations (``permute``) follow :mod:`vnm.graph`: along an MLP edge one permutation of the hidden
+features serves as the producers' row order and the consumer's column order; along an attention
+edge a per-head permutation of the value features does the same for the output projection. Both
+are free at inference. With ``permute='all'`` the other layers (fed by the residual stream) also
+get a column permutation, which their forward gathers (``x[..., perm]``). Every permutation is kept
+only if it raises the kept score over the identity.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
+from . import scores as scores_mod
+from .graph import HeadsEdge, MlpEdge, find_edges
+from .layers import is_prunable, weight_matrix
 from .mask import select_mask
-from .nn import VNMLinear, linear_weight
+from .nn import VNMLinear
 from .pattern import Pattern, PatternLike, as_pattern
+from .permute import kept_score, search_permutation
+from .tensor import VNMTensor
 
 # Module names (fnmatch globs) left dense by default: output heads.
 DEFAULT_SKIP: Tuple[str, ...] = ("lm_head", "*classifier*", "*pooler*", "head", "head.*", "score", "*.score")
 
-ScoreFn = Callable[[torch.Tensor, object], torch.Tensor]
+ScoreFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -33,7 +45,7 @@ class SparsifyConfig:
     pattern: one pattern for every layer ('64:2:8'), or a mapping from module-name globs to
         patterns (first match wins; layers matching none are skipped).
     score: 'magnitude', 'wanda', 'ria', 'entropy' (see :mod:`vnm.scores`) or a callable
-        ``(weight, stats) -> scores``.
+        ``(weight, stats, *, layer) -> scores``.
     calibration: batches (dicts of model inputs, tensors or tuples) run through the model to
         collect input statistics, needed by every score but magnitude.
     permute: False; 'free' (only permutations a neighbouring layer absorbs: MLP up/gate rows into
@@ -62,6 +74,15 @@ class SparsifyConfig:
             return None
         return as_pattern(self.pattern)
 
+    def permute_mode(self) -> Optional[str]:
+        if self.permute is False or self.permute is None or self.permute == "none":
+            return None
+        if self.permute is True or self.permute == "all":
+            return "all"
+        if self.permute == "free":
+            return "free"
+        raise ValueError(f"permute must be False, 'free', True or 'all', got {self.permute!r}")
+
 
 @dataclass
 class LayerReport:
@@ -70,8 +91,29 @@ class LayerReport:
     pattern: Optional[str]
     skipped: Optional[str] = None  # reason, when left dense
     kept_importance: Optional[float] = None  # kept score / total score
-    permutation: Optional[str] = None  # 'absorbed', 'gathered' or None
+    kept_importance_identity: Optional[float] = None  # the same without permutations
+    score_total: Optional[float] = None  # sum of the layer's scores (to weigh kept importance)
     storage_ratio: Optional[float] = None
+    # Permutations applied: rows (stored row i is original row row_perm[i], undone by the
+    # consumer) and columns (absorbed from the producers, or gathered when col_gathered).
+    row_perm: Optional[torch.Tensor] = None
+    col_perm: Optional[torch.Tensor] = None
+    col_gathered: bool = False
+
+    @property
+    def permutation(self) -> Optional[str]:
+        parts = []
+        if self.row_perm is not None:
+            parts.append("rows")
+        if self.col_perm is not None:
+            parts.append("gathered" if self.col_gathered else "absorbed")
+        return "+".join(parts) or None
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary (no tensors)."""
+        return {"name": self.name, "shape": list(self.shape), "pattern": self.pattern, "skipped": self.skipped,
+                "kept_importance": self.kept_importance, "kept_importance_identity": self.kept_importance_identity,
+                "storage_ratio": self.storage_ratio, "permutation": self.permutation}
 
 
 @dataclass
@@ -86,17 +128,19 @@ class SparsifyReport:
     def skipped(self) -> List[LayerReport]:
         return [r for r in self.layers if r.skipped is not None]
 
+    def __getitem__(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
     def __str__(self) -> str:
-        lines = [f"{'layer':<48} {'shape':>12} {'pattern':>8} {'kept':>6} {'perm':>9}  note"]
+        lines = [f"{'layer':<48} {'shape':>12} {'pattern':>8} {'kept':>6} {'perm':>14}  note"]
         for r in self.layers:
             kept = "" if r.kept_importance is None else f"{r.kept_importance:.3f}"
             lines.append(f"{r.name:<48} {f'{r.shape[0]}x{r.shape[1]}':>12} {r.pattern or '-':>8} {kept:>6} "
-                         f"{r.permutation or '-':>9}  {r.skipped or ''}")
+                         f"{r.permutation or '-':>14}  {r.skipped or ''}")
         return "\n".join(lines)
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
 def serving_problem(shape: Tuple[int, int], pattern: Pattern) -> Optional[str]:
@@ -119,10 +163,9 @@ def find_layers(model: nn.Module, config: SparsifyConfig,
     """Every linear layer of ``model`` with the pattern it gets, or why it is skipped."""
     out = []
     for name, module in model.named_modules():
-        if not is_linear(module):
+        if not is_prunable(module):
             continue
-        w = linear_weight(module)
-        rep = LayerReport(name=name, shape=tuple(w.shape), pattern=None)
+        rep = LayerReport(name=name, shape=tuple(weight_matrix(module).shape), pattern=None)
         pattern = config.pattern_for(name)
         if any(fnmatch.fnmatchcase(name, g) for g in config.skip):
             rep.skipped = "output head (in config.skip)"
@@ -146,71 +189,201 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _score_fn(score: Union[str, ScoreFn]) -> ScoreFn:
-    if callable(score):
-        return score
-    if score == "magnitude":
-        return lambda w, stats: w.float().abs()
-    try:
-        from . import scores as scores_mod  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        scores_mod = None
-    if scores_mod is None or not hasattr(scores_mod, "get"):
-        raise ValueError(f"unknown score {score!r}; available: 'magnitude'")
-    return scores_mod.get(score)
+class _Scores:
+    """Scores of each layer on its original weights (computed once, on the CPU)."""
+
+    def __init__(self, model, config, names):
+        self.model, self.fn = model, scores_mod.get(config.score)
+        self.stats = None
+        if not callable(config.score) and scores_mod.needs_stats(config.score) or (
+                callable(config.score) and config.calibration is not None):
+            if config.calibration is None:
+                raise ValueError(f"score {config.score!r} needs input statistics: pass calibration batches in "
+                                 "SparsifyConfig(calibration=...) (e.g. vnm.models.token_batches(tokenizer, texts))")
+            from .calibration import calibrate  # noqa: PLC0415
+
+            self.stats = calibrate(model, config.calibration, layers=list(names), progress=config.progress,
+                                   entropy_bins=128 if config.score == "entropy" else None)
+        self._cache: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            w = weight_matrix(self.model.get_submodule(name)).detach()
+            st = None if self.stats is None else self.stats.get(name)
+            self._cache[name] = self.fn(w, st, layer=name).float().cpu()
+        return self._cache[name]
+
+
+@dataclass
+class _Plan:
+    row_perm: Optional[torch.Tensor] = None
+    col_perm: Optional[torch.Tensor] = None
+    col_gathered: bool = False
+
+
+def _permuted(s: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    if plan.row_perm is not None:
+        s = s[plan.row_perm]
+    if plan.col_perm is not None:
+        s = s[:, plan.col_perm]
+    return s
+
+
+def _search(scores: torch.Tensor, pattern: str, config: SparsifyConfig, budget: float, **kw):
+    return search_permutation(scores, pattern, time_budget=budget, seed=config.seed, progress=False, **kw)
+
+
+def _plan_mlp(edge: MlpEdge, scores: _Scores, patterns: Dict[str, str], plans, config) -> None:
+    """One permutation of the hidden features for the producers' rows and the consumer's columns:
+    the better (by total kept score) of the consumer's column search and the producers' row search."""
+    cons = edge.consumer
+    prods = [p for p in edge.producers if p in patterns]
+    s_cons = scores(cons)
+
+    def total(perm):
+        t = kept_score(s_cons[:, perm], patterns[cons])
+        return t + sum(kept_score(scores(p)[perm], patterns[p]) for p in prods)
+
+    ident = torch.arange(s_cons.shape[1])
+    candidates = [_search(s_cons, patterns[cons], config, config.permute_time_budget, permute_rows=False).col_perm]
+    same = {patterns[p] for p in prods}
+    if prods and len(same) == 1 and as_pattern(next(iter(same))).M > 4:
+        # The producers' row order sets which rows share a V-row block: search it on their scores
+        # side by side (the same rows), columns fixed.
+        stacked = torch.cat([scores(p) for p in prods], dim=1)
+        candidates.append(_search(stacked, next(iter(same)), config, config.permute_time_budget,
+                                  permute_cols=False).row_perm)
+    best, best_total = None, total(ident)
+    for perm in candidates:
+        t = total(perm)
+        if t > best_total:
+            best, best_total = perm, t
+    if best is not None:
+        plans[cons].col_perm = best
+        for p in edge.producers:  # skipped producers are dense: they are permuted in place later
+            plans.setdefault(p, _Plan()).row_perm = best
+
+
+def _plan_heads(edge: HeadsEdge, scores: _Scores, patterns: Dict[str, str], plans, config) -> None:
+    """A permutation of each value head's features, shared by the query heads that read it, found
+    on the output projection's columns of those heads stacked on top of each other."""
+    cons, d = edge.consumer, edge.head_dim
+    s = scores(cons)
+    if s.shape[1] != edge.num_heads * d:
+        return
+    group = edge.num_heads // edge.num_kv_heads
+    budget = config.permute_time_budget / edge.num_kv_heads
+    col_perm = torch.arange(s.shape[1])
+    value_perm = []
+    for j in range(edge.num_kv_heads):
+        heads = range(j * group, (j + 1) * group)
+        stacked = torch.cat([s[:, h * d:(h + 1) * d] for h in heads], dim=0)
+        pi = _search(stacked, patterns[cons], config, budget, permute_rows=False).col_perm
+        for h in heads:
+            col_perm[h * d:(h + 1) * d] = h * d + pi
+        value_perm.append(j * d + pi)
+    if kept_score(s[:, col_perm], patterns[cons]) <= kept_score(s, patterns[cons]):
+        return
+    start, end = edge.value_rows
+    rows = weight_matrix(scores.model.get_submodule(edge.producer)).shape[0]
+    row_perm = torch.arange(rows)
+    row_perm[start:end] = start + torch.cat(value_perm)
+    plans[cons].col_perm = col_perm
+    plans.setdefault(edge.producer, _Plan()).row_perm = row_perm
+
+
+def _plan_permutations(model, patterns, scores, config, mode) -> Dict[str, _Plan]:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    plans = {name: _Plan() for name in patterns}
+    edges = [e for e in find_edges(model) if e.consumer in patterns]
+    for edge in tqdm(edges, desc="permutation search (free)", disable=not config.progress or not edges):
+        (_plan_mlp if isinstance(edge, MlpEdge) else _plan_heads)(edge, scores, patterns, plans, config)
+    if mode == "all":
+        absorbed = {e.consumer for e in edges}
+        rest = [n for n in patterns if n not in absorbed]
+        for name in tqdm(rest, desc="permutation search (gathered)", disable=not config.progress or not rest):
+            s = _permuted(scores(name), plans[name])
+            res = _search(s, patterns[name], config, config.permute_time_budget, permute_rows=False)
+            if res.kept > res.kept_identity:
+                plans[name].col_perm, plans[name].col_gathered = res.col_perm, True
+    return plans
+
+
+def _permute_dense_rows_(module: nn.Module, perm: torch.Tensor) -> None:
+    """Permute a dense layer's output rows (and bias) in place (producers that stay dense)."""
+    w = weight_matrix(module)
+    with torch.no_grad():
+        w.copy_(w[perm.to(w.device)])
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_(module.bias[perm.to(module.bias.device)])
 
 
 def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> SparsifyReport:
     """Replace the chosen linear layers of ``model`` (in place) with :class:`VNMLinear`.
 
-    Returns a :class:`SparsifyReport` (per layer: pattern, kept importance, permutation, or why it
-    was skipped). Raises ``ValueError`` when no layer can be sparsified.
+    Returns a :class:`SparsifyReport` (per layer: pattern, kept importance, permutations, or why it
+    was left dense). Raises ``ValueError`` when no layer can be sparsified.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     config = config or SparsifyConfig()
+    mode = config.permute_mode()
     layers = find_layers(model, config, filter_fn)
     chosen = [r for r in layers if r.skipped is None]
     if not chosen:
         reasons = "; ".join(f"{r.name}: {r.skipped}" for r in layers) or "the model has no nn.Linear or Conv1D layer"
         raise ValueError(f"no prunable layer in {type(model).__name__}: {reasons}")
-    score_fn = _score_fn(config.score)
-    stats = _calibrate_if_needed(model, config, [r.name for r in chosen])
+    patterns = {r.name: r.pattern for r in chosen}
+    scores = _Scores(model, config, patterns)
+    plans = _plan_permutations(model, patterns, scores, config, mode) if mode else {n: _Plan() for n in patterns}
+
+    for name, plan in plans.items():  # producers left dense still carry their row permutation
+        if name not in patterns and plan.row_perm is not None:
+            _permute_dense_rows_(model.get_submodule(name), plan.row_perm)
     for rep in tqdm(chosen, desc="sparsify", disable=not config.progress):
         module = model.get_submodule(rep.name)
-        weight = linear_weight(module).detach()
+        plan = plans[rep.name]
+        weight = weight_matrix(module).detach()
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else bias.detach()
         if config.dtype is not None:
             weight = weight.to(config.dtype)
-        scores = score_fn(weight, None if stats is None else stats.get(rep.name))
-        mask = select_mask(scores, rep.pattern)
-        rep.kept_importance = float((scores.double() * mask).sum() / scores.double().sum().clamp_min(1e-300))
-        layer = VNMLinear.from_linear(_as_linear(module, weight), mask, rep.pattern)
+        s = scores(rep.name)
+        rep.score_total = float(s.double().sum())
+        rep.kept_importance_identity = kept_score(s, rep.pattern) / max(rep.score_total, 1e-300)
+        if plan.row_perm is not None:
+            weight = weight[plan.row_perm.to(weight.device)]
+            bias = None if bias is None else bias[plan.row_perm.to(bias.device)]
+        if plan.col_perm is not None:
+            weight = weight[:, plan.col_perm.to(weight.device)]
+        sp = _permuted(s, plan)
+        mask = select_mask(sp, rep.pattern)
+        rep.kept_importance = float((sp.double() * mask).sum() / sp.double().sum().clamp_min(1e-300))
+        rep.row_perm, rep.col_perm, rep.col_gathered = plan.row_perm, plan.col_perm, plan.col_gathered
+        w = VNMTensor.from_dense(weight, mask.to(weight.device), rep.pattern,
+                                 perm=plan.col_perm if plan.col_gathered else None)
+        layer = VNMLinear.from_tensor(w, bias)
         rep.storage_ratio = layer.nbytes / (weight.numel() * weight.element_size())
         _set_module(model, rep.name, layer)
     return SparsifyReport(layers)
 
 
-def _as_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """An nn.Linear view of ``module`` with ``weight`` (out x in), for Conv1D and dtype changes."""
-    if isinstance(module, nn.Linear) and module.weight.dtype == weight.dtype:
-        return module
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight, requires_grad=False)
-    if module.bias is not None:
-        lin.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
-    return lin
+def original_order_weight(layer: VNMLinear, rep: LayerReport) -> torch.Tensor:
+    """The masked dense weight of a sparsified layer in the model's original row and column order:
+    the unpermuted model with this weight computes what the permuted sparse model computes."""
+    w = layer.dense_weight()  # in the layer's input order (a gathered permutation is undone)
+    if rep.col_perm is not None and not rep.col_gathered:
+        out = torch.empty_like(w)
+        out[:, rep.col_perm] = w
+        w = out
+    if rep.row_perm is not None:
+        out = torch.empty_like(w)
+        out[rep.row_perm] = w
+        w = out
+    return w
 
 
-def _calibrate_if_needed(model, config, names):
-    if config.score in ("magnitude",) or callable(config.score) and config.calibration is None:
-        return None
-    if config.calibration is None:
-        raise ValueError(f"score {config.score!r} needs input statistics: pass calibration batches in "
-                         "SparsifyConfig(calibration=...) (e.g. vnm.models.token_batches(tokenizer, texts))")
-    from .calibrate import calibrate  # noqa: PLC0415
-
-    return calibrate(model, config.calibration, layers=names)
-
-
-__all__ = ["SparsifyConfig", "SparsifyReport", "LayerReport", "sparsify", "find_layers", "DEFAULT_SKIP"]
+__all__ = ["SparsifyConfig", "SparsifyReport", "LayerReport", "sparsify", "find_layers", "original_order_weight",
+           "DEFAULT_SKIP"]
