@@ -73,7 +73,7 @@ $PY -c "import vnm; print('vnm', vnm.__file__, 'CUDA_BUILT', vnm.CUDA_BUILT)" >>
 
 # ---- 2. tests ------------------------------------------------------------------------------
 step tests 180 "$OUT/tests.log" $PY -m pytest -q -p no:logging -rs tests/test_cuda.py \
-  tests/test_mma_model.py tests/test_spmm.py tests/test_tensor.py
+  tests/test_mma_model.py tests/test_spmm.py tests/test_tensor.py tests/test_nn_cuda.py
 TESTS_LINE=$(grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1)
 
 # ---- 3. compute-sanitizer ------------------------------------------------------------------
@@ -120,6 +120,9 @@ else
 fi
 step bench_py 200 "$OUT/bench.log" $PY bench/bench_spmm.py --reps "$REPS" --warmup 5 \
   --out "$OUT/bench_spmm.csv" --plot "$OUT/bench_spmm.png"
+# End to end (issue 6): LLaMA-7B-shaped decoder layers and DeiT-base, fp16, dense vs sparse.
+MODEL_REPS=${QUICK:+5}
+step bench_models 120 "$OUT/bench.log" $PY bench/bench_models.py --repeat "${MODEL_REPS:-20}"
 
 # ---- summary -------------------------------------------------------------------------------
 {
@@ -144,6 +147,8 @@ for p in pats:
     print(f"{p:9s} " + " ".join(f"{math.exp(sum(map(math.log, acc[(p, n)])) / len(acc[(p, n)])):7.2f}" if acc[(p, n)] else "      -" for n in ns))
 EOF
   fi
+  echo "end to end (bench/bench_models.py):"
+  grep -E "^ *(llama|deit) " "$OUT/bench.log" | head -40
   echo "total $(( $(date +%s) - START ))s"
 } >> "$SUMMARY"
 cat "$SUMMARY"

@@ -15,7 +15,7 @@ from torch import nn
 
 from .layers import weight_matrix
 from .mask import select_mask
-from .ops import spmm_storage
+from .ops import check_spmm_inputs, spmm_storage
 from .pattern import PatternLike, as_pattern, require_compressible
 from .tensor import VNMTensor, check_perm
 
@@ -42,6 +42,7 @@ class VNMLinear(nn.Module):
         self.register_buffer("columns", empty.columns.to(device))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if has_perm else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._refresh_packed()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, mask: Optional[torch.Tensor] = None, pattern: PatternLike = "2:4",
@@ -81,6 +82,7 @@ class VNMLinear(nn.Module):
             m.bias = nn.Parameter(bias.to(device=weight.device, dtype=weight.dtype).clone())
         else:
             m.bias = None
+        m._refresh_packed()
         return m
 
     @property
@@ -108,7 +110,38 @@ class VNMLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    # ---- the packed (kernel) form on CUDA ------------------------------------------------------
+    # On a GPU the mma.sp kernel reads a packed layout (vnm.cuda_ops). It is built whenever the
+    # storage lands on a CUDA device in a kernel dtype (module.cuda(), .to(), .half(),
+    # load_state_dict), never inside forward, so forward stays traceable and graph-capturable.
+    # The canonical buffers stay the module's state (state_dict, save); on a GPU both forms are
+    # held, about twice the weight storage (a packed-only mode is future work).
+
+    def _refresh_packed(self) -> None:
+        self._packed = None
+        if self.values.is_cuda and self.values.dtype in (torch.float16, torch.bfloat16):
+            from . import cuda_ops  # noqa: PLC0415
+
+            self._packed = cuda_ops.pack(self.weight_vnm)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_packed()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_packed()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = getattr(self, "_packed", None)
+        if x.is_cuda and packed is not None:
+            check_spmm_inputs(x, self.values, self.bias, self.out_features, self.in_features)
+            lead = x.shape[:-1]
+            y = torch.ops.vnm.spmm_packed(x.reshape(-1, self.in_features).contiguous(), packed.values, packed.meta,
+                                          packed.kidx, self.bias, self.pattern_text, self.out_features,
+                                          self.in_features, self.perm is not None)
+            return y.reshape(*lead, self.out_features)
         return spmm_storage(x, self.values, self.meta, self.columns, self.perm, self.bias, self.pattern_text,
                             self.out_features, self.in_features)
 
