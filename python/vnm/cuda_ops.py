@@ -31,6 +31,7 @@ import torch
 
 from ._checks import DTYPE_CODES, raw_bits, require_tensor
 from ._native import CUDA_BUILT, _C
+from .ops import check_spmm_inputs
 from .pattern import Pattern, PatternLike, as_pattern, require_compressible
 from .tensor import VNMTensor, storage_shapes
 
@@ -419,28 +420,13 @@ def packed_for(w: VNMTensor) -> PackedVNM:
     return cached
 
 
-def _check_x(x: torch.Tensor, K: int, dtype: torch.dtype, device: torch.device) -> None:
-    require_tensor(x, "x")
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be K={K} (the weight's input features)")
-    if x.device != device:
-        raise ValueError(f"x is on {x.device} but the weight is on {device}; move one with .to()")
-    if x.dtype != dtype:
-        raise TypeError(f"x is {x.dtype} but the weight is {dtype}; cast x with x.to({dtype})")
-
-
 def spmm_packed(p: PackedVNM, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., K)`` from the packed weight (fp32
     accumulation, output in ``x``'s dtype)."""
     if not isinstance(p, PackedVNM):
         raise TypeError(f"spmm_packed takes a vnm.cuda_ops.PackedVNM, got {type(p).__name__}")
     R, K = p.shape
-    _check_x(x, K, p.dtype, p.device)
-    if bias is not None:
-        require_tensor(bias, "bias")
-        if tuple(bias.shape) != (R,) or bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(f"bias must be a ({R},) {x.dtype} tensor on {x.device}, got "
-                             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    check_spmm_inputs(x, p.values, bias, R, K)
     lead = x.shape[:-1]
     y = _spmm_packed_op(x.reshape(-1, K), p.values, p.meta, p.kidx, bias, p.pattern_text, R, K, p.has_perm)
     return y.reshape(*lead, R)
