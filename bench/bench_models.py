@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ _src = Path(__file__).resolve().parents[1] / "python"
 if any((_src / "vnm").glob("_C*.so")):
     sys.path.insert(0, str(_src))
 import vnm  # noqa: E402
-from vnm.cli import module_bytes  # noqa: E402
+from vnm.cli import module_bytes, time_forward  # noqa: E402
 
 
 def build(kind: str, small: bool):
@@ -48,26 +46,6 @@ def build(kind: str, small: bool):
             return {"pixel_values": torch.randn(n, 3, cfg.image_size, cfg.image_size, device=device)}
         sizes = [1, 8] if small else [1, 32, 128]
     return model.eval(), inputs, sizes
-
-
-def timed(model, batch, device, repeat, warmup):
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + repeat):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                model(**batch)
-                b.record()
-                torch.cuda.synchronize()
-                dt = a.elapsed_time(b)
-            else:
-                t0 = time.perf_counter()
-                model(**batch)
-                dt = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times.append(dt)
-    return statistics.median(times)
 
 
 def main():
@@ -103,7 +81,7 @@ def main():
             model.to(device)
             alloc = (torch.cuda.memory_allocated() - before) / 2**20 if device.type == "cuda" else float("nan")
             for n in sizes:
-                ms = timed(model, make_inputs(n, device), device, args.repeat, args.warmup)
+                ms = time_forward(model, make_inputs(n, device), args.repeat, args.warmup)
                 if name == "dense":
                     base[n] = ms
                 print(f"{kind:>6} {name:>8} {n:>12} {ms:9.3f} {base[n] / ms:8.2f} "

@@ -176,10 +176,11 @@ def time_forward(model, batch, repeat: int = 10, warmup: int = 2) -> float:
 
     import torch  # noqa: PLC0415
 
+    on_gpu = next(iter(batch.values())).is_cuda
     times = []
     with torch.no_grad():
         for i in range(warmup + repeat):
-            if batch["input_ids"].is_cuda:
+            if on_gpu:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 model(**batch)
