@@ -208,7 +208,7 @@ def test_srste_training_and_merge(gen, tmp_path):
     assert names == ["0", "2"]
     batches = [x for x, _ in regression_batches(gen)]
     log_path = tmp_path / "log.csv"
-    config = vt.SRSTEConfig(steps=40, lr=5e-2, teacher=teacher, distill="mse", log_path=log_path, progress=False)
+    config = vt.SRSTEConfig(steps=40, lr=5e-2, optimizer="sgd", teacher=teacher, distill="mse", log_path=log_path, progress=False)
     log = vt.train_srste(model, batches, config)
     assert log[-1]["distill"] < log[0]["distill"]
     rows = list(csv.DictReader(open(log_path)))
@@ -329,3 +329,22 @@ def test_both_methods_train_and_merge_on_cuda(gen):
         trained = model(x).detach()
         vt.merge(model)
         assert torch.allclose(model(x), trained, rtol=1e-3, atol=1e-3)
+
+
+def test_lora_on_bfloat16_weights_trains_float32_factors_and_merges(gen):
+    model = tiny_mlp(dtype=torch.bfloat16)
+    vt.prepare_lora(model, "16:2:8", rank=4)
+    assert all(layer.lora_A.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+               for _, layer in lora_layers(model))
+    batches = [(x.bfloat16(), t.bfloat16()) for x, t in regression_batches(gen)]
+    config = vt.ThreeStageConfig(total_steps=20, lr=1e-2, progress=False)
+    vt.train_three_stage(model, batches, config, lambda out, b: (out.float() - b[1].float()).pow(2).mean(), forward_x)
+    assert all(float(layer.lora_B.detach().abs().max()) > 0 for _, layer in lora_layers(model))
+    x = batches[0][0]
+    trained = model(x).detach()
+    assert trained.dtype == torch.bfloat16
+    vt.merge(model)
+    merged = model(x)
+    assert merged.dtype == torch.bfloat16
+    # same bf16 weights; only the accumulation order differs (C++ reference vs torch)
+    assert torch.allclose(merged.float(), trained.float(), rtol=2e-2, atol=2e-2)

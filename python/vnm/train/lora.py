@@ -78,9 +78,11 @@ class LoRASparseLinear(nn.Module):
         self.scaling = self.alpha / rank
         self.weight = frozen_copy(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=train_bias)
-        self.lora_A = nn.Parameter(torch.empty(rank, K, dtype=weight.dtype, device=weight.device))
+        # Factors train in float32 when the frozen weight is half precision (Adam on bf16 stalls).
+        factor_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, K, dtype=factor_dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # LoRA's (and peft's) initialisation
-        self.lora_B = nn.Parameter(torch.zeros(R, rank, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(R, rank, dtype=factor_dtype, device=weight.device))
         self.register_buffer("mask", torch.ones(R, K, dtype=torch.bool, device=weight.device))
         self.is_sparse = False
 
@@ -92,8 +94,8 @@ class LoRASparseLinear(nn.Module):
         return cls(w, b, pattern, rank, alpha, train_bias)
 
     def merged_weight(self) -> torch.Tensor:
-        """``W + scale * B @ A`` (dense, differentiable in A and B)."""
-        return self.weight + self.scaling * (self.lora_B @ self.lora_A)
+        """``W + scale * B @ A`` (dense, differentiable in A and B; in the factors' dtype)."""
+        return self.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward uses: the merged weight, masked once sparse."""
@@ -104,8 +106,9 @@ class LoRASparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_sparse:
             # Dense stage: the usual LoRA factorisation, never forming B @ A.
-            return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return F.linear(x, self.effective_weight(), self.bias)
+            lora = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+            return F.linear(x, self.weight, self.bias) + (self.scaling * lora).to(x.dtype)
+        return F.linear(x, self.effective_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()
     def update_mask(self, score: Optional[MaskScore] = None, name: str = "") -> Optional[int]:
@@ -131,7 +134,8 @@ class LoRASparseLinear(nn.Module):
         if not self.is_sparse:
             self.update_mask()
         with torch.no_grad():
-            return self.merged_weight(), None if self.bias is None else self.bias.detach(), self.mask.clone()
+            weight = self.merged_weight().to(self.weight.dtype)
+            return weight, None if self.bias is None else self.bias.detach(), self.mask.clone()
 
     # is_sparse is part of the training state: a checkpoint taken in stage 2 or 3 resumes sparse.
     def get_extra_state(self) -> Dict[str, Any]:
