@@ -15,7 +15,6 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..mask import select_mask
 from ..nn import VNMLinear, linear_weight
 from ..pattern import Pattern, PatternLike, as_pattern
 from ..sparsify import DEFAULT_SKIP, _set_module, is_linear, serving_problem
