@@ -48,3 +48,13 @@ __all__ = [
     "permute_linear_cols", "permute_linear_rows", "prunable_layers", "report", "save", "scores",
     "search_permutation", "select_mask", "sparsify", "spmm", "weight_matrix",
 ]
+
+# ---- recovery training (vnm.train: three-stage LoRA, SR-STE, merge) ----
+from . import train  # noqa: E402,F401
+from .train import (  # noqa: E402
+    SRSTEConfig, ThreeStageConfig, prepare_lora, prepare_srste, train_srste, train_three_stage,
+)
+
+__all__ += ["SRSTEConfig", "ThreeStageConfig", "prepare_lora", "prepare_srste", "train", "train_srste",
+            "train_three_stage"]
+# ---- end recovery training ----

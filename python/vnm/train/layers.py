@@ -1,0 +1,132 @@
+"""Which linear layers a recovery method wraps, and ``merge``: folding trained wrappers into
+:class:`vnm.nn.VNMLinear`.
+
+Layer choice follows :func:`vnm.sparsify` (the same skip globs, ``filter_fn`` and padding rule),
+except that plain N:M patterns such as ``4:8`` are allowed here: they can be trained, but
+:func:`merge` turns them into masked dense ``nn.Linear`` layers because only V:N:M and 2:4 have
+compressed storage.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..nn import VNMLinear, linear_weight
+from ..pattern import Pattern, PatternLike, as_pattern
+from ..sparsify import DEFAULT_SKIP, _set_module, is_linear, serving_problem
+
+PatternSpec = Union[PatternLike, Mapping[str, PatternLike]]
+# A mask score: (weight R x K, layer name) -> non-negative scores R x K. None means |weight|.
+MaskScore = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def pattern_for(pattern: PatternSpec, name: str) -> Optional[Pattern]:
+    """The pattern of layer ``name``: one pattern for all, or the first matching glob of a mapping."""
+    if isinstance(pattern, Mapping):
+        for glob, p in pattern.items():
+            if fnmatch.fnmatchcase(name, glob):
+                return as_pattern(p)
+        return None
+    return as_pattern(pattern)
+
+
+def choose_layers(model: nn.Module, pattern: PatternSpec, skip: Sequence[str] = DEFAULT_SKIP,
+                  filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[Tuple[str, Pattern]]:
+    """(name, pattern) of every linear layer of ``model`` a recovery method should wrap.
+
+    Raises ``ValueError`` when none qualifies, naming why each linear layer was left out.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    chosen, reasons = [], []
+    for name, module in model.named_modules():
+        if not is_linear(module):
+            continue
+        p = pattern_for(pattern, name)
+        shape = tuple(linear_weight(module).shape)
+        if any(fnmatch.fnmatchcase(name, g) for g in skip):
+            reasons.append(f"{name}: in skip")
+        elif filter_fn is not None and not filter_fn(module, name):
+            reasons.append(f"{name}: excluded by filter_fn")
+        elif p is None:
+            reasons.append(f"{name}: no pattern matches this name")
+        elif (problem := serving_problem(shape, p)) is not None:
+            reasons.append(f"{name}: {problem}")
+        else:
+            chosen.append((name, p))
+    if not chosen:
+        why = "; ".join(reasons) or "the model has no nn.Linear or Conv1D layer"
+        raise ValueError(f"no layer of {type(model).__name__} can be trained sparse: {why}")
+    return chosen
+
+
+def frozen_copy(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+def linear_parts(module: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight as out x in, bias) of an nn.Linear or a GPT-2 Conv1D, detached."""
+    w = linear_weight(module).detach()
+    b = getattr(module, "bias", None)
+    return w.contiguous(), None if b is None else b.detach()
+
+
+def select_scores(score: Optional[MaskScore], weight: torch.Tensor, name: str) -> torch.Tensor:
+    """Scores for mask selection from ``weight`` (detached): |weight| or ``score(weight, name)``."""
+    w = weight.detach()
+    s = w.float().abs() if score is None else score(w, name)
+    if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(w.shape):
+        raise ValueError(f"mask score for {name} must return a tensor of shape {tuple(w.shape)}, "
+                         f"got {getattr(s, 'shape', type(s).__name__)}")
+    return s
+
+
+def sparse_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
+                 pattern: Pattern) -> nn.Module:
+    """``VNMLinear`` keeping ``weight`` where ``mask`` is set (a masked ``nn.Linear`` for plain
+    N:M patterns, which have no compressed storage)."""
+    weight = weight.detach()
+    if pattern.compressible:
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+        return VNMLinear.from_linear(lin, mask, pattern)
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)))
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every recovery wrapper of ``model`` (in place) into an inference layer and return it.
+
+    :class:`~vnm.train.LoRASparseLinear` becomes ``VNMLinear`` holding ``(W + scale B A) * mask``
+    (no LoRA left at inference); :class:`~vnm.train.SRSTELinear` becomes ``VNMLinear`` holding
+    ``W * mask(|W|)``. A LoRA layer that never left the dense stage gets its mask selected now
+    from ``|W + scale B A|``. Plain N:M patterns (no compressed storage) become masked
+    ``nn.Linear``. Raises ``ValueError`` when the model has no wrapper.
+    """
+    wrappers = [(n, m) for n, m in model.named_modules() if hasattr(m, "merged_parts")]
+    if not wrappers:
+        raise ValueError(f"{type(model).__name__} has no LoRASparseLinear or SRSTELinear layer to merge: "
+                         "prepare it with vnm.train.prepare_lora or vnm.train.prepare_srste first")
+    for name, module in wrappers:
+        weight, bias, mask = module.merged_parts()
+        new = sparse_layer(weight, bias, mask, module.pattern)
+        new.train(module.training)
+        if name:
+            _set_module(model, name, new)
+        else:
+            model = new
+    return model
+
+
+__all__ = ["choose_layers", "merge", "MaskScore", "PatternSpec"]
