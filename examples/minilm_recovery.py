@@ -27,8 +27,6 @@ import vnm  # noqa: E402
 import vnm.train as vt  # noqa: E402
 from vnm.data import english_sentences  # noqa: E402
 from vnm.models import embed, embedding_cosine, load_minilm  # noqa: E402
-from vnm.nn import VNMLinear  # noqa: E402
-from vnm.sparsify import _set_module  # noqa: E402
 
 
 def length_sorted_batches(tok, sentences, batch_size, max_length, seed):
@@ -40,32 +38,6 @@ def length_sorted_batches(tok, sentences, batch_size, max_length, seed):
                for j in range(0, len(order), batch_size)]
     random.Random(seed).shuffle(batches)
     return batches
-
-
-@torch.no_grad()
-def input_norms(model, batches, names):
-    """||X_j||_2 of every input channel of the named linear layers over all tokens of ``batches``
-    (Wanda's activation statistic; padding tokens are few in length-sorted batches and included)."""
-    sums, hooks = {}, []
-    for name in names:
-        def hook(mod, args, name=name):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    for b in batches:
-        model(**b)
-    for h in hooks:
-        h.remove()
-    return {n: s.sqrt() for n, s in sums.items()}
-
-
-def one_shot(dense, layers, score):
-    model = copy.deepcopy(dense)
-    for name, pattern in layers:
-        lin = model.get_submodule(name)
-        _set_module(model, name, VNMLinear.from_linear(lin, vnm.select_mask(score(lin.weight.detach(), name), pattern),
-                                                       pattern))
-    return model
 
 
 def main(argv=None):
@@ -99,15 +71,17 @@ def main(argv=None):
           f"sentences (other documents)")
     ref = embed(dense, tok, heldout)
     batches = length_sorted_batches(tok, train, args.batch_size, args.max_length, args.seed)
-    layers = vt.choose_layers(dense, args.pattern)
-    names = [n for n, _ in layers]
-    norms = input_norms(dense, length_sorted_batches(tok, train[:args.calib_sentences], 32, args.max_length, 0), names)
+    calib = length_sorted_batches(tok, train[:args.calib_sentences], 32, args.max_length, 0)
+    stats = vnm.calibrate(dense, calib, entropy_bins=None, progress=False)
 
-    def magnitude(w, name):
-        return w.float().abs()
+    def wanda(w, name):  # the mask score of three-stage LoRA's dynamic stage
+        return vnm.scores.wanda(w.float(), stats[name], layer=name)
 
-    def wanda(w, name):
-        return w.float().abs() * norms[name].to(w.device)
+    def one_shot(score):
+        model = copy.deepcopy(dense)
+        vnm.sparsify(model, vnm.SparsifyConfig(pattern=args.pattern, score=score, calibration=calib,
+                                               progress=False))
+        return model
 
     results = []
 
@@ -118,8 +92,8 @@ def main(argv=None):
         print(f"  {method:<34} cosine mean {mean:.4f}  min {worst:.4f}" + (f"  ({steps} steps, {seconds:.0f} s)"
                                                                             if steps else ""), flush=True)
 
-    record("one-shot magnitude", one_shot(dense, layers, magnitude))
-    record("one-shot wanda", one_shot(dense, layers, wanda))
+    record("one-shot magnitude", one_shot("magnitude"))
+    record("one-shot wanda", one_shot("wanda"))
 
     logs = {}
     if args.lora_steps:

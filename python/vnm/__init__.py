@@ -38,23 +38,17 @@ from .pruning import apply_masks_, compute_masks, kept_fraction, layer_scores
 from .reports import KeptReport, report
 from .sparsify import SparsifyConfig, SparsifyReport, sparsify
 from .tensor import VNMTensor
+from . import train  # after the modules it builds on
+from .train import SRSTEConfig, ThreeStageConfig, prepare_lora, prepare_srste, train_srste, train_three_stage
 
 __all__ = [
-    "CUDA_BUILT", "Calibration", "ChannelStats", "KeptReport", "Pattern", "PatternChoice", "PermutationResult",
-    "SparsifyConfig", "SparsifyReport", "SpeedupTable", "VNMLinear", "VNMTensor", "__version__", "apply_masks_",
-    "as_pattern", "calibrate", "calibrate_sequential", "check_mask", "choose_pattern", "compute_masks", "cuda_ops",
-    "invert_permutation", "is_head_preserving", "is_valid_mask", "kept_fraction", "kept_score", "layer_scores",
-    "load", "log_mask_diversity", "model_speedup", "nn", "permute_attention_values", "permute_between",
-    "permute_linear_cols", "permute_linear_rows", "prunable_layers", "report", "save", "scores",
-    "search_permutation", "select_mask", "sparsify", "spmm", "weight_matrix",
+    "CUDA_BUILT", "Calibration", "ChannelStats", "KeptReport", "Pattern", "PatternChoice",
+    "PermutationResult", "SRSTEConfig", "SparsifyConfig", "SparsifyReport", "SpeedupTable",
+    "ThreeStageConfig", "VNMLinear", "VNMTensor", "__version__", "apply_masks_", "as_pattern", "calibrate",
+    "calibrate_sequential", "check_mask", "choose_pattern", "compute_masks", "cuda_ops", "invert_permutation",
+    "is_head_preserving", "is_valid_mask", "kept_fraction", "kept_score", "layer_scores", "load",
+    "log_mask_diversity", "model_speedup", "nn", "permute_attention_values", "permute_between",
+    "permute_linear_cols", "permute_linear_rows", "prepare_lora", "prepare_srste", "prunable_layers",
+    "report", "save", "scores", "search_permutation", "select_mask", "sparsify", "spmm", "train",
+    "train_srste", "train_three_stage", "weight_matrix",
 ]
-
-# ---- recovery training (vnm.train: three-stage LoRA, SR-STE, merge) ----
-from . import train  # noqa: E402,F401
-from .train import (  # noqa: E402
-    SRSTEConfig, ThreeStageConfig, prepare_lora, prepare_srste, train_srste, train_three_stage,
-)
-
-__all__ += ["SRSTEConfig", "ThreeStageConfig", "prepare_lora", "prepare_srste", "train", "train_srste",
-            "train_three_stage"]
-# ---- end recovery training ----

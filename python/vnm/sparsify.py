@@ -159,8 +159,13 @@ def serving_problem(shape: Tuple[int, int], pattern: Pattern) -> Optional[str]:
 
 
 def find_layers(model: nn.Module, config: SparsifyConfig,
-                filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[LayerReport]:
-    """Every linear layer of ``model`` with the pattern it gets, or why it is skipped."""
+                filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+                compressed_only: bool = True) -> List[LayerReport]:
+    """Every linear layer of ``model`` with the pattern it gets, or why it is skipped.
+
+    ``compressed_only``: a plain N:M pattern (no compressed storage) raises ``ValueError``; False
+    lets it through (recovery training can train N:M masks, see :mod:`vnm.train`).
+    """
     out = []
     for name, module in model.named_modules():
         if not is_prunable(module):
@@ -173,7 +178,7 @@ def find_layers(model: nn.Module, config: SparsifyConfig,
             rep.skipped = "excluded by filter_fn"
         elif pattern is None:
             rep.skipped = "no pattern in config.pattern matches this name"
-        elif not pattern.compressible:
+        elif compressed_only and not pattern.compressible:
             raise ValueError(f"pattern '{pattern}' for {name} cannot be stored compressed: use V:N:M or 2:4")
         elif (problem := serving_problem(rep.shape, pattern)) is not None:
             rep.skipped = problem

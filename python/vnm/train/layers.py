@@ -9,57 +9,36 @@ compressed storage.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..nn import VNMLinear, linear_weight
+from ..layers import weight_matrix
+from ..nn import VNMLinear
 from ..pattern import Pattern, PatternLike, as_pattern
-from ..sparsify import DEFAULT_SKIP, _set_module, is_linear, serving_problem
+from ..sparsify import DEFAULT_SKIP, SparsifyConfig, _set_module, find_layers
 
 PatternSpec = Union[PatternLike, Mapping[str, PatternLike]]
 # A mask score: (weight R x K, layer name) -> non-negative scores R x K. None means |weight|.
 MaskScore = Callable[[torch.Tensor, str], torch.Tensor]
 
 
-def pattern_for(pattern: PatternSpec, name: str) -> Optional[Pattern]:
-    """The pattern of layer ``name``: one pattern for all, or the first matching glob of a mapping."""
-    if isinstance(pattern, Mapping):
-        for glob, p in pattern.items():
-            if fnmatch.fnmatchcase(name, glob):
-                return as_pattern(p)
-        return None
-    return as_pattern(pattern)
-
-
 def choose_layers(model: nn.Module, pattern: PatternSpec, skip: Sequence[str] = DEFAULT_SKIP,
                   filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[Tuple[str, Pattern]]:
-    """(name, pattern) of every linear layer of ``model`` a recovery method should wrap.
+    """(name, pattern) of every linear layer of ``model`` a recovery method should wrap: the
+    layers :func:`vnm.sparsify` would prune (same skip globs, ``filter_fn``, padding rule), plain
+    N:M patterns included.
 
     Raises ``ValueError`` when none qualifies, naming why each linear layer was left out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    chosen, reasons = [], []
-    for name, module in model.named_modules():
-        if not is_linear(module):
-            continue
-        p = pattern_for(pattern, name)
-        shape = tuple(linear_weight(module).shape)
-        if any(fnmatch.fnmatchcase(name, g) for g in skip):
-            reasons.append(f"{name}: in skip")
-        elif filter_fn is not None and not filter_fn(module, name):
-            reasons.append(f"{name}: excluded by filter_fn")
-        elif p is None:
-            reasons.append(f"{name}: no pattern matches this name")
-        elif (problem := serving_problem(shape, p)) is not None:
-            reasons.append(f"{name}: {problem}")
-        else:
-            chosen.append((name, p))
+    config = SparsifyConfig(pattern=pattern, skip=tuple(skip))
+    reports = find_layers(model, config, filter_fn, compressed_only=False)
+    chosen = [(r.name, as_pattern(r.pattern)) for r in reports if r.pattern is not None]
     if not chosen:
-        why = "; ".join(reasons) or "the model has no nn.Linear or Conv1D layer"
+        why = "; ".join(f"{r.name}: {r.skipped}" for r in reports) or "the model has no nn.Linear or Conv1D layer"
         raise ValueError(f"no layer of {type(model).__name__} can be trained sparse: {why}")
     return chosen
 
@@ -70,7 +49,7 @@ def frozen_copy(t: torch.Tensor) -> nn.Parameter:
 
 def linear_parts(module: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(weight as out x in, bias) of an nn.Linear or a GPT-2 Conv1D, detached."""
-    w = linear_weight(module).detach()
+    w = weight_matrix(module).detach()
     b = getattr(module, "bias", None)
     return w.contiguous(), None if b is None else b.detach()
 

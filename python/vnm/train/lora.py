@@ -14,7 +14,7 @@ the pruned or dense model exactly, as in LoRA):
 
 :func:`vnm.train.merge` then folds ``(W + scale B A) * mask`` into :class:`vnm.nn.VNMLinear`.
 
-What is sourced and what is ours (see ``notes/papers.md`` section 1c; the paper has no public
+What is sourced and what is ours (see ``docs/papers.md`` section 1c; the paper has no public
 code and its method section could not be read, only the abstract, a technical summary and the
 reviews):
 * sourced from the paper (via summary and reviews): the weight ``(W + BA) * M``, the three stages,
