@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import LayerFilter, in_features, model_device, prunable_layers
+from .layers import LayerFilter, batch_to, in_features, model_device, prunable_layers, run_model
 
 DEFAULT_ENTROPY_BINS = 128
 
@@ -249,25 +249,6 @@ def _batch_token_mask(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _run_model(model: nn.Module, batch: Any) -> Any:
-    """model(**batch) for a mapping, model(*batch) for a list/tuple, model(batch) otherwise."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(*batch)
-    return model(batch)
-
-
 def _reiterable(batches: Iterable) -> Sequence:
     if isinstance(batches, (torch.Tensor, Mapping)):
         raise TypeError("batches must be an iterable of batches (e.g. a list of tokenizer outputs), "
@@ -336,7 +317,7 @@ def calibrate(
                     acc.start_histogram(bins)
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 token_mask.mask = _batch_token_mask(batch)
-                _run_model(model, _to_device(batch, device))
+                run_model(model, batch_to(batch, device))
             token_mask.mask = None
     return Calibration({name: acc.result() for name, acc in accs.items()}, len(batches), entropy_bins)
 
@@ -371,7 +352,7 @@ def _capture_block_inputs(model, first_block, batches, device, progress) -> List
         for batch in tqdm(batches, desc="calibrate: block inputs", disable=not progress, leave=False):
             n = len(captured)
             try:
-                _run_model(model, _to_device(batch, device))
+                run_model(model, batch_to(batch, device))
             except _StopForward:
                 pass
             if len(captured) != n + 1:

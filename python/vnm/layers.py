@@ -8,7 +8,8 @@ features x input features) through :func:`weight_matrix`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterable, Union
 
 import torch
 from torch import nn
@@ -82,4 +83,26 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["is_prunable", "is_transposed", "weight_matrix", "in_features", "prunable_layers", "LayerFilter"]
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, or mapping / tuple / list of them, nested) with its tensors on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch
+
+
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a mapping (tokenizer output), ``model(*batch)`` for a tuple or list,
+    else ``model(batch)``: how vnm feeds calibration and training batches to a model."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+__all__ = ["is_prunable", "is_transposed", "weight_matrix", "in_features", "prunable_layers", "LayerFilter",
+           "model_device", "batch_to", "run_model"]

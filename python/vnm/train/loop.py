@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import batch_to, run_model
+
 ForwardFn = Callable[[nn.Module, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]  # (model outputs, batch) -> scalar loss
 
@@ -149,23 +151,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = 
     return per_position.mean()
 
 
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for a dict (any mapping), ``model(*batch)`` for a tuple or list, else ``model(batch)``."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+default_forward = run_model  # model(**batch) / model(*batch) / model(batch)
 
 
 # ---- log -------------------------------------------------------------------------------------
@@ -299,7 +285,7 @@ def train_loop(model: nn.Module, batches: Iterable, steps: int, config: TrainCon
         for step in bar:
             info = schedule.begin_step(step)
             index, batch = next(stream)
-            batch = to_device(batch, device)
+            batch = batch_to(batch, device)
             outputs = forward_fn(model, batch)
             parts: Dict[str, float] = {}
             loss = torch.zeros((), device=device)
