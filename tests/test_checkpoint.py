@@ -50,7 +50,8 @@ def test_description_records_layers_and_version(saved):
     d = description(path)
     assert d["format_version"] == 1 and d["vnm_version"] == vnm.__version__
     layer = d["layers"]["model.layers.0.mlp.down_proj"]
-    assert layer == {"pattern": "16:2:8", "shape": [64, 160], "dtype": "float32", "perm": False, "bias": False}
+    assert layer == {"pattern": "16:2:8", "shape": [64, 160], "dtype": "float32", "perm": False, "row_perm": False,
+                     "bias": False}
 
 
 def test_truncated_file(saved):

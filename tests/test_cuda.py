@@ -34,7 +34,7 @@ NS = [1, 7, 16, 128, 1000, 4096]
 R_ODD, K_ODD = 203, 333
 
 
-def _make(pattern, R, K, dtype, gen, perm=False, integer=False, device=DEV):
+def _make(pattern, R, K, dtype, gen, perm=False, integer=False, device=DEV, rows=False):
     if integer:
         w = torch.randint(-3, 4, (R, K), generator=gen).to(dtype)
     else:
@@ -42,16 +42,18 @@ def _make(pattern, R, K, dtype, gen, perm=False, integer=False, device=DEV):
     mask = vnm.select_mask(torch.rand(R, K, generator=gen), pattern)
     mask &= torch.rand(R, K, generator=gen) > 0.1  # rows keeping fewer than 2 in some groups
     pm = torch.randperm(K, generator=gen) if perm else None
-    t = VNMTensor.from_dense(w, mask, pattern, perm=pm)
+    rp = torch.randperm(R, generator=gen) if rows else None
+    t = VNMTensor.from_dense(w, mask, pattern, perm=pm, row_perm=rp)
     return t.to(device), w, mask, pm
 
 
-def _reference(x, w, mask, perm, bias):
-    """float64 on the CPU: x[:, perm] @ (w * mask).T + bias."""
+def _reference(x, w, mask, perm, bias, rows=None):
+    """float64 on the CPU: y[:, rows] = x[:, perm] @ (w * mask).T, plus bias (output order)."""
     xd = x.detach().cpu().double()
     if perm is not None:
         xd = xd[:, perm.long()]
-    y = xd @ masked(w, mask).double().T
+    ys = xd @ masked(w, mask).double().T
+    y = ys if rows is None else torch.empty_like(ys).index_copy_(1, rows.detach().cpu().long(), ys)
     return y if bias is None else y + bias.detach().cpu().double()
 
 
@@ -60,7 +62,7 @@ def _run(p: cuda_ops.PackedVNM, x, bias, path=0, force_gather=False):
     R, K = p.shape
     y = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
     cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx, bias, p.pattern_text, R, K,
-                               p.has_perm, y, path=path, force_gather=force_gather)
+                               p.has_perm, y, path=path, force_gather=force_gather, rows=p.rows)
     torch.cuda.synchronize()
     assert bool(torch.isfinite(y).all()), "the kernel left output elements unwritten"
     return y
@@ -75,15 +77,17 @@ def _pattern(V, M):
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("N", NS)
 def test_spmm_matches_reference(dtype, V, M, N, gen):
-    # perm and bias alternate over the grid so that every (V, M) and every N meets both.
+    # perm, output rows and bias alternate over the grid so that every (V, M) and every N meets
+    # each of them.
     use_perm = (V // 16 + M + N) % 2 == 0
     use_bias = (V // 16 + M) % 2 == 1
-    t, w, mask, perm = _make(_pattern(V, M), R_ODD, K_ODD, dtype, gen, perm=use_perm)
+    use_rows = (V // 16 + N) % 2 == 1
+    t, w, mask, perm = _make(_pattern(V, M), R_ODD, K_ODD, dtype, gen, perm=use_perm, rows=use_rows)
     x = torch.randn(N, K_ODD, generator=gen).to(dtype)
     bias = torch.randn(R_ODD, generator=gen).to(dtype) if use_bias else None
     p = cuda_ops.pack(t)
     y = _run(p, x.to(DEV), None if bias is None else bias.to(DEV))
-    assert rel_err(y.cpu(), _reference(x, w, mask, perm, bias)) < 1e-2
+    assert rel_err(y.cpu(), _reference(x, w, mask, perm, bias, t.row_perm)) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -93,12 +97,12 @@ def test_both_kernels_and_b_paths(dtype, pattern, use_perm, use_bias, gen):
     """Decode and tiled kernels forced on the same inputs (N across the threshold), and for
     M == 4 the contiguous and the gather B path; through vnm.spmm as well."""
     R, K = 190, 264  # K % 8 == 0: the contiguous B path applies to 2:4 without perm
-    t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=use_perm)
+    t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=use_perm, rows=use_bias)
     p = cuda_ops.pack(t)
     for N in (1, 31, 33, 300):
         x = torch.randn(N, K, generator=gen).to(dtype)
         bias = torch.randn(R, generator=gen).to(dtype) if use_bias else None
-        ref = _reference(x, w, mask, perm, bias)
+        ref = _reference(x, w, mask, perm, bias, t.row_perm)
         xd, bd = x.to(DEV), None if bias is None else bias.to(DEV)
         for path in (1, 2):
             for gather in (False, True):
@@ -112,7 +116,7 @@ def test_gpu_equals_cpu_emulation_bit_for_bit_on_integers(pattern, gen):
     same kernel exactly: the packed layout, fragment maps and metadata are right on hardware."""
     R, K = 150, 200
     for dtype in (torch.float16, torch.bfloat16):
-        t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=True, integer=True)
+        t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=True, integer=True, rows=True)
         p = cuda_ops.pack(t)
         pc = p.to("cpu")
         for N, path in ((5, 1), (70, 2)):
@@ -120,12 +124,12 @@ def test_gpu_equals_cpu_emulation_bit_for_bit_on_integers(pattern, gen):
             y_gpu = _run(p, x.to(DEV), None, path).cpu()
             y_cpu = torch.full((N, R), float("nan"), dtype=dtype)
             err = _C._emulate_spmm(t.pattern, R, K, CODES[dtype], pc.values.view(torch.int16),
-                                   pc.meta, pc.kidx, x.view(torch.int16), N, None,
+                                   pc.meta, pc.kidx, pc.rows, x.view(torch.int16), N, None,
                                    y_cpu.view(torch.int16), path, False)
             assert err == ""
             assert torch.equal(y_gpu, y_cpu), (dtype, N, path)
             # the exact integer result, rounded once to the output type
-            assert torch.equal(y_gpu, _reference(x, w, mask, perm, None).to(dtype))
+            assert torch.equal(y_gpu, _reference(x, w, mask, perm, None, t.row_perm).to(dtype))
 
 
 def test_large_layer_against_dense_matmul(gen):
@@ -154,7 +158,7 @@ def test_pack_unpack_on_gpu_equal_cpu(pattern, gen):
 
 
 def test_spmm_caches_the_packed_form_and_backward_works(gen):
-    t, w, mask, perm = _make("32:2:6", 96, 80, torch.float16, gen, perm=True)
+    t, w, mask, perm = _make("32:2:6", 96, 80, torch.float16, gen, perm=True, rows=True)
     x = torch.randn(9, 80, generator=gen).half().to(DEV).requires_grad_()
     b = torch.randn(96, generator=gen).half().to(DEV).requires_grad_()
     y = vnm.spmm(t, x, b)
@@ -164,13 +168,13 @@ def test_spmm_caches_the_packed_form_and_backward_works(gen):
     (y.float() * go.float()).sum().backward()
     dense = masked(w, mask).double()
     gx = torch.zeros(9, 80, dtype=torch.float64)
-    gx[:, perm.long()] = go.cpu().double() @ dense
+    gx[:, perm.long()] = go.cpu().double()[:, t.row_perm.cpu().long()] @ dense
     assert rel_err(x.grad.cpu(), gx) < 1e-2
     assert rel_err(b.grad.cpu(), go.cpu().double().sum(0)) < 1e-2
 
 
 def test_cuda_graph_capture_on_a_side_stream(gen):
-    t, w, mask, perm = _make("64:2:8", 256, 512, torch.float16, gen, perm=True)
+    t, w, mask, perm = _make("64:2:8", 256, 512, torch.float16, gen, perm=True, rows=True)
     bias = torch.randn(256, generator=gen).half().to(DEV)
     x_static = torch.randn(40, 512, generator=gen).half().to(DEV)
     side = torch.cuda.Stream()
@@ -188,12 +192,12 @@ def test_cuda_graph_capture_on_a_side_stream(gen):
         y_static.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(y_static.cpu(), _reference(x_new, w, mask, perm, bias.cpu())) < 1e-2
+        assert rel_err(y_static.cpu(), _reference(x_new, w, mask, perm, bias.cpu(), t.row_perm)) < 1e-2
 
 
 @pytest.mark.parametrize("with_extras", [False, True])
 def test_opcheck_on_cuda(with_extras, gen):
-    t, _, _, _ = _make("16:2:5", 48, 40, torch.float16, gen, perm=with_extras)
+    t, _, _, _ = _make("16:2:5", 48, 40, torch.float16, gen, perm=with_extras, rows=with_extras)
     R, K, pt = 48, 40, t.pattern_text
     torch.library.opcheck(torch.ops.vnm.pack.default, (t.values, t.meta, t.columns, t.perm, pt, R, K))
     p = cuda_ops.pack(t)
@@ -202,9 +206,22 @@ def test_opcheck_on_cuda(with_extras, gen):
     x = torch.randn(7, K, generator=gen).half().to(DEV)
     bias = torch.randn(R, generator=gen).half().to(DEV) if with_extras else None
     torch.library.opcheck(torch.ops.vnm.spmm_packed.default,
-                          (x, p.values, p.meta, p.kidx, bias, pt, R, K, p.has_perm))
+                          (x, p.values, p.meta, p.kidx, p.rows, bias, pt, R, K, p.has_perm))
     torch.library.opcheck(torch.ops.vnm.spmm.default,
-                          (x, t.values, t.meta, t.columns, t.perm, bias, pt, R, K))
+                          (x, t.values, t.meta, t.columns, t.perm, t.row_perm, bias, pt, R, K))
+
+
+@pytest.mark.parametrize("N", [5, 100])
+def test_misaligned_x_view_falls_back_to_the_gather_path(N, gen):
+    """2:4 with K % 8 == 0 reads x with 16-byte loads only when x is 16-byte aligned: a view at an
+    odd element offset (contiguous, 2-byte aligned) must take the gather path and stay right."""
+    R, K = 96, 128
+    t, w, mask, _ = _make("2:4", R, K, torch.float16, gen)
+    x = torch.randn(N, K, generator=gen).half()
+    storage = torch.empty(N * K + 1, dtype=torch.float16, device=DEV)
+    xv = storage[1:].view(N, K).copy_(x.to(DEV))
+    assert xv.is_contiguous() and xv.data_ptr() % 16 != 0
+    assert rel_err(vnm.spmm(t, xv).cpu(), _reference(x, w, mask, None, None)) < 1e-2
 
 
 def test_errors_name_the_fix(gen):

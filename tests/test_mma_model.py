@@ -179,7 +179,7 @@ def test_model_rejects_metadata_ordered_metadata_forbids(bad):
 
 # ---- 3. the kernels, emulated ---------------------------------------------------------------
 
-def _make(pattern, R, K, dtype, gen, perm=False, integer=False):
+def _make(pattern, R, K, dtype, gen, perm=False, integer=False, rows=False):
     if integer:
         w = torch.randint(-3, 4, (R, K), generator=gen).to(dtype)
     else:
@@ -187,7 +187,8 @@ def _make(pattern, R, K, dtype, gen, perm=False, integer=False):
     mask = vnm.select_mask(torch.rand(R, K, generator=gen), pattern)
     mask &= torch.rand(R, K, generator=gen) > 0.1  # some rows keep fewer than 2 in a group
     pm = torch.randperm(K, generator=gen) if perm else None
-    return VNMTensor.from_dense(w, mask, pattern, perm=pm), w, mask, pm
+    rp = torch.randperm(R, generator=gen) if rows else None
+    return VNMTensor.from_dense(w, mask, pattern, perm=pm, row_perm=rp), w, mask, pm
 
 
 def _emulate(p: cuda_ops.PackedVNM, x, bias, path, contiguous_b=False):
@@ -195,7 +196,7 @@ def _emulate(p: cuda_ops.PackedVNM, x, bias, path, contiguous_b=False):
     n = x.shape[0]
     y = torch.full((n, R), float("nan"), dtype=x.dtype)  # poison: every element must be written
     err = _C._emulate_spmm(
-        p.pattern, R, K, CODES[x.dtype], p.values.view(torch.int16), p.meta, p.kidx,
+        p.pattern, R, K, CODES[x.dtype], p.values.view(torch.int16), p.meta, p.kidx, p.rows,
         x.view(torch.int16), n, None if bias is None else bias.view(torch.int16),
         y.view(torch.int16), path, contiguous_b,
     )
@@ -203,9 +204,11 @@ def _emulate(p: cuda_ops.PackedVNM, x, bias, path, contiguous_b=False):
     return y
 
 
-def _reference(x, w, mask, perm, bias):
+def _reference(x, w, mask, perm, bias, rows=None):
+    """float64: y[:, rows] = x[:, perm] @ (w * mask).T, plus bias in output order."""
     xd = x.double() if perm is None else x.double()[:, perm.long()]
-    y = xd @ masked(w, mask).double().T
+    ys = xd @ masked(w, mask).double().T
+    y = ys if rows is None else torch.empty_like(ys).index_copy_(1, rows.long(), ys)
     return y if bias is None else y + bias.double()
 
 
@@ -231,14 +234,15 @@ EMU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pattern,R,K,N,path", EMU_CASES)
 def test_emulated_kernel_matches_reference(dtype, pattern, R, K, N, path, gen):
-    for use_perm, use_bias in ((False, False), (True, True)):
-        t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=use_perm)
+    # plain; then input perm, output rows and bias together (the epilogue's scatter and bias read)
+    for extras in (False, True):
+        t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=extras, rows=extras)
         p = cuda_ops.pack(t)
         x = torch.randn(N, K, generator=gen).to(dtype)
-        bias = torch.randn(R, generator=gen).to(dtype) if use_bias else None
+        bias = torch.randn(R, generator=gen).to(dtype) if extras else None
         y = _emulate(p, x, bias, path)
         assert bool(torch.isfinite(y).all()), "an output element was not written"
-        assert rel_err(y, _reference(x, w, mask, perm, bias)) < 1e-2
+        assert rel_err(y, _reference(x, w, mask, perm, bias, t.row_perm)) < 1e-2
 
 
 @pytest.mark.parametrize("path", [1, 2])
@@ -334,13 +338,13 @@ def test_cuda_branch_without_cuda_build_names_the_fix(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_spmm_packed_on_cpu_matches_reference_and_has_gradients(dtype, gen):
-    t, w, mask, perm = _make("32:2:6", 70, 50, dtype, gen, perm=True)
+    t, w, mask, perm = _make("32:2:6", 70, 50, dtype, gen, perm=True, rows=True)
     p = cuda_ops.pack(t)
     x = torch.randn(3, 5, 50, generator=gen).to(dtype)
     bias = torch.randn(70, generator=gen).to(dtype)
     y = cuda_ops.spmm_packed(p, x, bias)
     assert y.shape == (3, 5, 70)
-    ref = _reference(x.reshape(-1, 50), w, mask, perm, bias).reshape(3, 5, 70)
+    ref = _reference(x.reshape(-1, 50), w, mask, perm, bias, t.row_perm).reshape(3, 5, 70)
     assert rel_err(y, ref) < 1e-2
     # Gradient with respect to x and bias, through the packed dense scatter.
     xf = x.float().requires_grad_()
@@ -351,14 +355,14 @@ def test_spmm_packed_on_cpu_matches_reference_and_has_gradients(dtype, gen):
     (yq.float() * go.float()).sum().backward()
     dense = masked(w, mask).double()
     gx_ref = torch.zeros(15, 50, dtype=torch.float64)
-    gx_ref[:, perm.long()] = go.reshape(-1, 70).double() @ dense
+    gx_ref[:, perm.long()] = go.reshape(-1, 70).double()[:, t.row_perm.long()] @ dense
     assert rel_err(xf.grad.reshape(-1, 50), gx_ref) < 1e-2
     assert rel_err(bf.grad, go.double().sum((0, 1))) < 1e-2
 
 
 @pytest.mark.parametrize("with_extras", [False, True])
 def test_opcheck_packed_ops_on_cpu(with_extras, gen):
-    t, _, _, _ = _make("16:2:5", 48, 40, torch.float16, gen, perm=with_extras)
+    t, _, _, _ = _make("16:2:5", 48, 40, torch.float16, gen, perm=with_extras, rows=with_extras)
     R, K = 48, 40
     pt = t.pattern_text
     torch.library.opcheck(torch.ops.vnm.pack.default, (t.values, t.meta, t.columns, t.perm, pt, R, K))
@@ -368,7 +372,7 @@ def test_opcheck_packed_ops_on_cpu(with_extras, gen):
     x = torch.randn(7, K, generator=gen).half()
     bias = torch.randn(R, generator=gen).half() if with_extras else None
     torch.library.opcheck(
-        torch.ops.vnm.spmm_packed.default, (x, p.values, p.meta, p.kidx, bias, pt, R, K, p.has_perm)
+        torch.ops.vnm.spmm_packed.default, (x, p.values, p.meta, p.kidx, p.rows, bias, pt, R, K, p.has_perm)
     )
 
 
@@ -389,3 +393,21 @@ def test_packed_ops_refuse_mixed_devices(gen):
     y = torch.empty(3, 32, dtype=torch.float16)
     with pytest.raises(ValueError, match="kidx is on meta but the other arrays are on cpu"):
         cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx.to("meta"), None, "16:2:5", 32, 20, False, y)
+
+
+def test_packed_op_checks_dtypes(gen):
+    """The kernels read raw 16-bit words: a weight, bias or output of another dtype than x, or
+    index arrays that are not int32, must be refused, not misread."""
+    t, _, _, _ = _make("16:2:5", 32, 20, torch.float16, gen)
+    p = cuda_ops.pack(t)
+    x = torch.randn(3, 20, generator=gen).half()
+    y = torch.empty(3, 32, dtype=torch.float16)
+    run = cuda_ops._spmm_packed_into
+    with pytest.raises(TypeError, match="x is torch.bfloat16 but the packed weight is torch.float16"):
+        run(x.bfloat16(), p.values, p.meta, p.kidx, None, "16:2:5", 32, 20, False, y.bfloat16())
+    with pytest.raises(TypeError, match="bias is torch.bfloat16 but x is torch.float16"):
+        run(x, p.values, p.meta, p.kidx, torch.zeros(32, dtype=torch.bfloat16), "16:2:5", 32, 20, False, y)
+    with pytest.raises(TypeError, match="packed kidx must be torch.int32, got torch.float32"):
+        run(x, p.values, p.meta, p.kidx.view(torch.float32), None, "16:2:5", 32, 20, False, y)
+    with pytest.raises(TypeError, match="rows must be torch.int32, got torch.int64"):
+        run(x, p.values, p.meta, p.kidx, None, "16:2:5", 32, 20, False, y, rows=torch.arange(32))

@@ -31,6 +31,24 @@ def test_from_linear_with_perm_computes_the_same_function(gen):
     assert torch.allclose(back(x), layer(x), atol=1e-5)
 
 
+def test_from_linear_with_row_perm_computes_the_same_function_and_round_trips(gen):
+    lin = nn.Linear(64, 48)
+    rows = torch.randperm(48, generator=gen)
+    perm = torch.randperm(64, generator=gen)
+    stored = lin.weight.detach()[rows][:, perm]
+    mask_s = vnm.select_mask(stored.abs(), "16:2:8")  # a mask of the stored matrix
+    layer = VNMLinear.from_linear(lin, mask_s, "16:2:8", perm=perm, row_perm=rows)
+    mask = torch.zeros_like(mask_s)
+    mask[rows.view(-1, 1), perm.view(1, -1)] = mask_s  # the same mask in the layer's order
+    x = torch.randn(5, 64, generator=gen)
+    assert torch.allclose(layer(x), x @ (lin.weight * mask).T + lin.bias, atol=1e-5)
+    assert torch.allclose(layer.to_linear()(x), layer(x), atol=1e-5)
+    assert "row_perm=True" in repr(layer)
+    fresh = VNMLinear(64, 48, "16:2:8", has_perm=True, has_row_perm=True)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), layer(x))
+
+
 def test_default_mask_keeps_most_magnitude():
     lin = nn.Linear(32, 16)
     layer = VNMLinear.from_linear(lin, pattern="2:4")

@@ -8,30 +8,48 @@ from _util import masked, rel_err
 TOL = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def reference(x, w_dense, perm=None, bias=None):
-    """float64 dense reference of spmm: x[..., perm] @ W.T + bias."""
+def reference(x, stored, perm=None, bias=None, row_perm=None):
+    """float64 dense reference of spmm: y[..., row_perm] = x[..., perm] @ S.T for the stored
+    matrix S, plus bias (in output order)."""
     xd = x.double()
     if perm is not None:
         xd = xd[..., perm.long()]
-    y = xd @ w_dense.double().T
+    ys = xd @ stored.double().T
+    y = ys if row_perm is None else torch.empty_like(ys).index_copy_(-1, row_perm.long(), ys)
     return y if bias is None else y + bias.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("pattern", ["2:4", "64:2:8", "16:2:5", "128:2:16", "32:2:32"])
-@pytest.mark.parametrize("use_perm", [False, True])
+@pytest.mark.parametrize("pattern", ["2:4", "64:2:8", "64:2:5", "16:2:5", "128:2:16", "32:2:32"])
+@pytest.mark.parametrize("perms", ["none", "cols", "rows", "both"])
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_spmm_matches_float64_reference(dtype, pattern, use_perm, use_bias, gen):
+def test_spmm_matches_float64_reference(dtype, pattern, perms, use_bias, gen):
     R, K, N = 203, 75, 37  # nothing a multiple of V, M or the token tile
     w = torch.randn(R, K, generator=gen).to(dtype)
     mask = vnm.select_mask(torch.rand(R, K, generator=gen), pattern)
-    perm = torch.randperm(K, generator=gen) if use_perm else None
+    perm = torch.randperm(K, generator=gen) if perms in ("cols", "both") else None
+    row_perm = torch.randperm(R, generator=gen) if perms in ("rows", "both") else None
     bias = torch.randn(R, generator=gen).to(dtype) if use_bias else None
-    t = VNMTensor.from_dense(w, mask, pattern, perm=perm)
+    t = VNMTensor.from_dense(w, mask, pattern, perm=perm, row_perm=row_perm)
     x = torch.randn(N, K, generator=gen).to(dtype)
     y = vnm.spmm(t, x, bias)
     assert y.dtype == dtype and y.shape == (N, R)
-    assert rel_err(y, reference(x, masked(w, mask), perm, bias)) < TOL[dtype]
+    assert rel_err(y, reference(x, masked(w, mask), perm, bias, row_perm)) < TOL[dtype]
+    # the same function through the effective dense weight (both permutations undone)
+    y_dense = x.double() @ t.effective_dense().double().T
+    assert rel_err(y, y_dense if bias is None else y_dense + bias.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("pattern,R,K", [("64:2:8", 20, 6), ("128:2:5", 7, 300), ("16:2:16", 40, 3)])
+def test_spmm_shapes_smaller_than_a_block(pattern, R, K, gen):
+    """R < V and K < M: the storage is all padding but for a corner; spmm still matches."""
+    w = torch.randn(R, K, generator=gen)
+    mask = vnm.select_mask(torch.rand(R, K, generator=gen), pattern)
+    row_perm = torch.randperm(R, generator=gen)
+    t = VNMTensor.from_dense(w, mask, pattern, row_perm=row_perm)
+    x = torch.randn(5, K, generator=gen)
+    b = torch.randn(R, generator=gen)
+    assert rel_err(vnm.spmm(t, x, b), reference(x, masked(w, mask), None, b, row_perm)) < 1e-6
 
 
 def test_spmm_many_tokens_and_leading_dims(gen):
@@ -85,6 +103,26 @@ def test_spmm_errors_name_expected_and_actual():
         vnm.spmm(t, torch.randn(4, 16), torch.randn(32).half())
     with pytest.raises(TypeError, match="must be a vnm.VNMTensor"):
         vnm.spmm(w, torch.randn(4, 16))
+    mask = vnm.select_mask(w.abs(), "16:2:8")
+    with pytest.raises(ValueError, match=r"row_perm must have shape \(32,\) \(one entry per output row\)"):
+        VNMTensor.from_dense(w, mask, "16:2:8", row_perm=torch.arange(16))
+    with pytest.raises(ValueError, match="row_perm is not a permutation of 0..31"):
+        VNMTensor.from_dense(w, mask, "16:2:8", row_perm=torch.zeros(32, dtype=torch.int64))
+
+
+def test_raw_op_rejects_index_arrays_that_are_not_permutations():
+    """The C++ reference writes y through row_perm and reads x through perm: the binding checks
+    both (a bad call to the raw op must raise, never touch memory out of bounds)."""
+    w = torch.randn(32, 16)
+    t = VNMTensor.from_dense(w, vnm.select_mask(w.abs(), "16:2:8"), "16:2:8")
+    x = torch.randn(4, 16)
+    bad_rows = torch.full((32,), 1000, dtype=torch.int32)
+    with pytest.raises(ValueError, match="row_perm is not a permutation"):
+        torch.ops.vnm.spmm(x, t.values, t.meta, t.columns, None, bad_rows, None, "16:2:8", 32, 16)
+    bad_cols = torch.arange(16, dtype=torch.int32)
+    bad_cols[3] = -1
+    with pytest.raises(ValueError, match="perm is not a permutation"):
+        torch.ops.vnm.spmm(x, t.values, t.meta, t.columns, bad_cols, None, None, "16:2:8", 32, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -93,10 +131,11 @@ def test_opcheck_cpu(dtype, with_extras, gen):
     R, K = 48, 40
     w = torch.randn(R, K, generator=gen).to(dtype)
     perm = torch.randperm(K, generator=gen) if with_extras else None
-    t = VNMTensor.from_dense(w, vnm.select_mask(w.float().abs(), "16:2:5"), "16:2:5", perm=perm)
+    rows = torch.randperm(R, generator=gen) if with_extras else None
+    t = VNMTensor.from_dense(w, vnm.select_mask(w.float().abs(), "16:2:5"), "16:2:5", perm=perm, row_perm=rows)
     x = torch.randn(7, K, generator=gen).to(dtype).requires_grad_(dtype == torch.float32)
     bias = torch.randn(R, generator=gen).to(dtype) if with_extras else None
-    args = (x, t.values, t.meta, t.columns, t.perm, bias, "16:2:5", R, K)
+    args = (x, t.values, t.meta, t.columns, t.perm, t.row_perm, bias, "16:2:5", R, K)
     torch.library.opcheck(torch.ops.vnm.spmm.default, args)
 
 
@@ -105,14 +144,17 @@ def test_gradient_wrt_input_and_bias(gen):
     w = torch.randn(R, K, generator=gen)
     mask = vnm.select_mask(w.abs(), "16:2:8")
     perm = torch.randperm(K, generator=gen)
-    t = VNMTensor.from_dense(w, mask, "16:2:8", perm=perm)
+    rows = torch.randperm(R, generator=gen)
+    t = VNMTensor.from_dense(w, mask, "16:2:8", perm=perm, row_perm=rows)
     x = torch.randn(5, K, generator=gen, requires_grad=True)
     b = torch.randn(R, generator=gen, requires_grad=True)
     go = torch.randn(5, R, generator=gen)
     (vnm.spmm(t, x, b) * go).sum().backward()
     x2 = x.detach().clone().requires_grad_()
     b2 = b.detach().clone().requires_grad_()
-    ((x2[:, perm] @ masked(w, mask).T + b2) * go).sum().backward()
+    logical = torch.empty_like(w)
+    logical[rows] = masked(w, mask)  # output row rows[r] holds stored row r
+    ((x2[:, perm] @ logical.T + b2) * go).sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(b.grad, b2.grad, atol=1e-5)
 
 

@@ -87,6 +87,30 @@ def test_perm_is_stored_and_checked(gen):
         VNMTensor.from_dense(w, mask, "16:2:8", perm=perm.float())
 
 
+def test_row_perm_is_stored_checked_and_undone_by_effective_dense(gen):
+    w = torch.randn(40, 24, generator=gen)
+    mask = vnm.select_mask(w.abs(), "16:2:8")
+    rows = torch.randperm(40, generator=gen)
+    cols = torch.randperm(24, generator=gen)
+    t = VNMTensor.from_dense(w, mask, "16:2:8", perm=cols, row_perm=rows)
+    assert t.row_perm.dtype == torch.int32 and torch.equal(t.row_perm.long(), rows)
+    assert set(t.arrays()) == {"values", "meta", "columns", "perm", "row_perm"}
+    assert t.nbytes == VNMTensor.from_dense(w, mask, "16:2:8").nbytes + (24 + 40) * 4
+    assert torch.equal(t.to_dense(), masked(w, mask))  # stored order, bit for bit
+    eff = t.effective_dense()
+    stored = masked(w, mask)
+    for r, k in ((0, 0), (17, 5), (39, 23)):  # W[row_perm[r], perm[k]] = stored[r, k]
+        assert eff[rows[r], cols[k]] == stored[r, k]
+    assert "row_perm" in repr(t)
+    moved = t.to(torch.float16)
+    assert torch.equal(moved.row_perm, t.row_perm) and moved.dtype == torch.float16
+    a = {k: v.clone() for k, v in t.arrays().items()}
+    bad = a["row_perm"].clone()
+    bad[0] = bad[1]
+    with pytest.raises(ValueError, match="row_perm is not a permutation of 0..39"):
+        VNMTensor(a["values"], a["meta"], a["columns"], "16:2:8", (40, 24), a["perm"], row_perm=bad)
+
+
 def test_nonfinite_kept_weights_are_rejected_with_count_and_position():
     w = torch.randn(16, 8)
     mask = vnm.select_mask(torch.ones(16, 8), "16:2:8")  # keeps columns 0 and 1
@@ -155,7 +179,13 @@ def test_to_device_and_dtype(gen):
     h = t.to(dtype=torch.bfloat16)
     assert h.dtype == torch.bfloat16
     assert torch.equal(h.to_dense(), masked(w, mask).to(torch.bfloat16))
+    assert t.to(torch.bfloat16).dtype == torch.bfloat16  # positional dtype, as torch.Tensor.to
+    assert t.to("cpu", torch.float16).dtype == torch.float16
     big = VNMTensor.from_dense(w * 1e6, mask, "16:2:4")
     with pytest.raises(ValueError, match="overflows"):
         big.to(dtype=torch.float16)
+    with pytest.raises(ValueError, match="overflows"):
+        big.to(torch.float16)  # the positional form runs the same checks
+    with pytest.raises(TypeError, match="float32, torch.float16 and torch.bfloat16"):
+        t.to(torch.float64)
     assert "64:2:8" not in repr(t) and "16:2:4" in repr(t)

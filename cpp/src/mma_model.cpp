@@ -101,6 +101,7 @@ struct Problem {
   const uint16_t* values_p;
   const uint32_t* meta_p;
   const int32_t* kidx;
+  const int32_t* out_rows;
   const uint16_t* x;
   int64_t n_tokens, ldx;
   const uint16_t* bias;
@@ -124,8 +125,9 @@ uint16_t contig_b(const Problem& q, int64_t ks, int64_t tok, int k) {
   return (tok < q.n_tokens && col < q.p.K) ? x_at(q, tok, col) : uint16_t(0);
 }
 
+// Bias of stored row r, read at its output row as the kernels do.
 float bias_at(const Problem& q, int64_t r) {
-  return (q.bias && r < q.p.R) ? half_bits_to_float(q.t, q.bias[r]) : 0.0f;
+  return (q.bias && r < q.p.R) ? half_bits_to_float(q.t, q.bias[out_row(q.out_rows, r)]) : 0.0f;
 }
 
 // ---- decode kernel -------------------------------------------------------------------------
@@ -177,7 +179,7 @@ std::string emulate_decode(const Problem& q, bool contiguous_b) {
             const int64_t r = mt * kTileRows + el.row;
             const int64_t tok = tok0 + kTileTokens * j + el.n;
             if (r < p.R && tok < q.n_tokens)
-              q.y[tok * q.ldy + r] = float_to_bits16(q.t, v + bias_at(q, r));
+              q.y[tok * q.ldy + out_row(q.out_rows, r)] = float_to_bits16(q.t, v + bias_at(q, r));
           }
         }
       }
@@ -284,7 +286,8 @@ std::string emulate_tiled(const Problem& q, bool contiguous_b) {
       for (int idx = 0; idx < S::BN * S::BM; ++idx) {
         const int nn = idx / S::BM, rr = idx % S::BM;
         const int64_t tok = n0 + nn, r = m0 + rr;
-        if (tok < q.n_tokens && r < p.R) q.y[tok * q.ldy + r] = Cs[size_t(nn) * S::C_PITCH + rr];
+        if (tok < q.n_tokens && r < p.R)
+          q.y[tok * q.ldy + out_row(q.out_rows, r)] = Cs[size_t(nn) * S::C_PITCH + rr];
       }
     }
   }
@@ -294,13 +297,13 @@ std::string emulate_tiled(const Problem& q, bool contiguous_b) {
 }  // namespace
 
 std::string emulate_spmm(const PackedGeom& p, DType t, const uint16_t* values_p,
-                         const uint32_t* meta_p, const int32_t* kidx, const void* x,
-                         int64_t n_tokens, int64_t ldx, const void* bias, void* y, int64_t ldy,
-                         Path path, bool contiguous_b) {
+                         const uint32_t* meta_p, const int32_t* kidx, const int32_t* out_rows,
+                         const void* x, int64_t n_tokens, int64_t ldx, const void* bias, void* y,
+                         int64_t ldy, Path path, bool contiguous_b) {
   if (t == DType::f32) return "the mma.sp kernels take float16 or bfloat16, not float32";
   if (contiguous_b && (p.KB != 1 || p.K % 8 != 0))
     return "the gather-free B path needs M == 4 and K % 8 == 0";
-  const Problem q{p, t, values_p, meta_p, kidx, static_cast<const uint16_t*>(x), n_tokens, ldx,
+  const Problem q{p, t, values_p, meta_p, kidx, out_rows, static_cast<const uint16_t*>(x), n_tokens, ldx,
                   static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), ldy};
   if (n_tokens <= 0) return {};
   if (path == Path::automatic) path = choose_path(p, n_tokens);

@@ -58,8 +58,8 @@ constexpr int64_t kChunkTokens = 256;
 
 template <DType t>
 void spmm_packed_impl(const sp::PackedGeom& p, const uint16_t* values_p, const uint32_t* meta_p,
-                      const int32_t* kidx, const void* x, int64_t n_tokens, const void* bias,
-                      void* y) {
+                      const int32_t* kidx, const int32_t* out_rows, const void* x, int64_t n_tokens,
+                      const void* bias, void* y) {
   const int64_t K = p.K, R = p.R;
   std::vector<float> xt;
   for (int64_t n0 = 0; n0 < n_tokens; n0 += kChunkTokens) {
@@ -83,8 +83,9 @@ void spmm_packed_impl(const sp::PackedGeom& p, const uint16_t* values_p, const u
             for (int64_t i = 0; i < T; ++i) acc[size_t(i)] += w * xr[i];
           }
         }
-        const float b = bias ? load_as_float(t, bias, r) : 0.0f;
-        for (int64_t i = 0; i < T; ++i) store_from_float(t, y, (n0 + i) * R + r, acc[size_t(i)] + b);
+        const int64_t out = sp::out_row(out_rows, r);
+        const float b = bias ? load_as_float(t, bias, out) : 0.0f;
+        for (int64_t i = 0; i < T; ++i) store_from_float(t, y, (n0 + i) * R + out, acc[size_t(i)] + b);
       }
     });
   }
@@ -93,13 +94,13 @@ void spmm_packed_impl(const sp::PackedGeom& p, const uint16_t* values_p, const u
 }  // namespace
 
 void spmm_packed_reference(const sp::PackedGeom& p, DType t, const uint16_t* values_p,
-                           const uint32_t* meta_p, const int32_t* kidx, const void* x,
-                           int64_t n_tokens, const void* bias, void* y) {
+                           const uint32_t* meta_p, const int32_t* kidx, const int32_t* out_rows,
+                           const void* x, int64_t n_tokens, const void* bias, void* y) {
   switch (t) {
     case DType::f16:
-      return spmm_packed_impl<DType::f16>(p, values_p, meta_p, kidx, x, n_tokens, bias, y);
+      return spmm_packed_impl<DType::f16>(p, values_p, meta_p, kidx, out_rows, x, n_tokens, bias, y);
     case DType::bf16:
-      return spmm_packed_impl<DType::bf16>(p, values_p, meta_p, kidx, x, n_tokens, bias, y);
+      return spmm_packed_impl<DType::bf16>(p, values_p, meta_p, kidx, out_rows, x, n_tokens, bias, y);
     case DType::f32: break;
   }
   throw std::invalid_argument("the packed layout holds float16 or bfloat16 values, not float32");

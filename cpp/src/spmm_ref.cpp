@@ -19,7 +19,8 @@ constexpr int64_t kTileTokens = 32;    // accumulator tile: row block x 32 token
 // The element type is a template parameter so the conversions in the loops inline.
 template <DType t>
 void spmm_impl(const Layout& L, const void* values, const uint8_t* meta, const uint8_t* columns,
-               const int32_t* perm, const void* x, int64_t n_tokens, const void* bias, void* y) {
+               const int32_t* perm, const int32_t* row_perm, const void* x, int64_t n_tokens,
+               const void* bias, void* y) {
   const int64_t R = L.rows, K = L.cols, M = L.pattern.M, V = L.row_block, G = L.groups;
   std::vector<float> xt;
   for (int64_t n0 = 0; n0 < n_tokens; n0 += kChunkTokens) {
@@ -59,9 +60,10 @@ void spmm_impl(const Layout& L, const void* values, const uint8_t* meta, const u
           }
         }
         for (int64_t r = rb * V; r < r_end; ++r) {
-          const float b = bias ? load_as_float(t, bias, r) : 0.0f;
+          const int64_t out = row_perm ? row_perm[r] : r;  // stored row r is output row out
+          const float b = bias ? load_as_float(t, bias, out) : 0.0f;
           const float* in = acc.data() + (r - rb * V) * kTileTokens;
-          for (int64_t i = 0; i < tn; ++i) store_from_float(t, y, (n0 + t0 + i) * R + r, in[i] + b);
+          for (int64_t i = 0; i < tn; ++i) store_from_float(t, y, (n0 + t0 + i) * R + out, in[i] + b);
         }
       }
     });
@@ -71,15 +73,15 @@ void spmm_impl(const Layout& L, const void* values, const uint8_t* meta, const u
 }  // namespace
 
 void spmm_reference(const Layout& L, DType t, const void* values, const uint8_t* meta,
-                    const uint8_t* columns, const int32_t* perm, const void* x, int64_t n_tokens,
-                    const void* bias, void* y) {
+                    const uint8_t* columns, const int32_t* perm, const int32_t* row_perm,
+                    const void* x, int64_t n_tokens, const void* bias, void* y) {
   switch (t) {
     case DType::f32:
-      return spmm_impl<DType::f32>(L, values, meta, columns, perm, x, n_tokens, bias, y);
+      return spmm_impl<DType::f32>(L, values, meta, columns, perm, row_perm, x, n_tokens, bias, y);
     case DType::f16:
-      return spmm_impl<DType::f16>(L, values, meta, columns, perm, x, n_tokens, bias, y);
+      return spmm_impl<DType::f16>(L, values, meta, columns, perm, row_perm, x, n_tokens, bias, y);
     case DType::bf16:
-      return spmm_impl<DType::bf16>(L, values, meta, columns, perm, x, n_tokens, bias, y);
+      return spmm_impl<DType::bf16>(L, values, meta, columns, perm, row_perm, x, n_tokens, bias, y);
   }
 }
 

@@ -22,7 +22,8 @@ struct KernelArgs {
   const uint16_t* x;
   int64_t n_tokens;
   int64_t ldx;
-  const uint16_t* bias;  // or null
+  const uint16_t* bias;     // or null; in output order
+  const int32_t* out_rows;  // or null: output row of each stored row (sp::out_row)
   uint16_t* y;
   int64_t ldy;
   int contig;  // B without a gather: x column 32 ks + k (M == 4, no perm, 16-byte aligned rows)

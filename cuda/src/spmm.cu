@@ -64,6 +64,9 @@ int check_device(int device) {
                 "CUDA device %d has compute capability %d.%d; the V:N:M kernels use mma.sp, "
                 "which needs 8.0 (Ampere) or newer. Run on the CPU instead.",
                 device, major, minor);
+  // cudart keeps the last error of a failed earlier call on this thread until it is read; clear
+  // it so check_launch's cudaGetLastError reports this launch, not a stale failure.
+  cudaGetLastError();
   return kOk;
 }
 
@@ -128,8 +131,9 @@ int spmm(const SpmmParams& q) {
                 "packed arrays must be 16-byte (values, meta) and 8-byte (kidx) aligned for the "
                 "kernels' vector loads; pass the tensors vnm.cuda_ops.pack returns, not views "
                 "into them");
-  if (!aligned(q.x, 2) || !aligned(q.y, 2) || (q.bias && !aligned(q.bias, 2)))
-    return fail(kMisaligned, "x, y and bias must be 2-byte aligned");
+  if (!aligned(q.x, 2) || !aligned(q.y, 2) || (q.bias && !aligned(q.bias, 2)) ||
+      (q.out_rows && !aligned(q.out_rows, 4)))
+    return fail(kMisaligned, "x, y and bias must be 2-byte aligned, out_rows 4-byte");
   if (q.n_tokens == 0) return kOk;
   const Plan pl = plan(q);
   const int64_t grid_y = pl.path == int(sp::Path::decode)
@@ -152,6 +156,7 @@ int spmm(const SpmmParams& q) {
   a.n_tokens = q.n_tokens;
   a.ldx = q.ldx;
   a.bias = static_cast<const uint16_t*>(q.bias);
+  a.out_rows = q.out_rows;
   a.y = static_cast<uint16_t*>(q.y);
   a.ldy = q.ldy;
   a.contig = pl.contiguous_b ? 1 : 0;

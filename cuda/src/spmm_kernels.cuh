@@ -23,7 +23,8 @@
 // so each fragment is one conflict-free 16-byte shared load), B is loaded one k-step ahead into
 // registers and stored into a double-buffered, XOR-swizzled [token][32 k] tile read with
 // ldmatrix .x4 (one instruction per B fragment). The epilogue adds the bias in fp32, rounds once
-// and writes through a shared tile so global stores run along R. BM must divide into V (one
+// and writes through a shared tile so global stores run along R (with out_rows, a row
+// permutation, each store goes to its output row: the same y row, scattered columns). BM must divide into V (one
 // kidx block per CTA) unless M == 4: 64, 32 or 16 (sp::tiled_bm). Levers: BM = 128, BN = 64 /
 // 256, cp.async for the contiguous B path, vectorised epilogue stores, persistent / swizzled
 // rasterisation, wgmma.sp on sm_90a.
@@ -130,8 +131,9 @@ __global__ void __launch_bounds__(sp::kDecodeWarps * sp::kWarp)
     const int64_t r = mt * kTileRows + el.row;
     const int64_t tok = tok0 + j * kTileTokens + el.n;
     if (r < p.R && tok < a.n_tokens) {
-      const float b = a.bias ? T::to_float(a.bias[r]) : 0.0f;
-      a.y[tok * a.ldy + r] = T::from_float(v + b);
+      const int64_t o = out_row(a.out_rows, r);
+      const float b = a.bias ? T::to_float(a.bias[o]) : 0.0f;
+      a.y[tok * a.ldy + o] = T::from_float(v + b);
     }
   }
 }
@@ -276,7 +278,7 @@ __global__ void __launch_bounds__(S::THREADS) spmm_tiled_kernel(const KernelArgs
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t r = m0 + (wm * S::WM + i) * kTileRows + c_elem(lane, 2 * h).row;
-      bias_v[i][h] = (a.bias && r < p.R) ? T::to_float(a.bias[r]) : 0.0f;
+      bias_v[i][h] = (a.bias && r < p.R) ? T::to_float(a.bias[out_row(a.out_rows, r)]) : 0.0f;
     }
 #pragma unroll
   for (int i = 0; i < S::WM; ++i)
@@ -293,7 +295,7 @@ __global__ void __launch_bounds__(S::THREADS) spmm_tiled_kernel(const KernelArgs
   for (int idx = tid; idx < S::BN * S::BM; idx += S::THREADS) {
     const int nn = idx / S::BM, rr = idx % S::BM;
     const int64_t tok = n0 + nn, r = m0 + rr;
-    if (tok < a.n_tokens && r < p.R) a.y[tok * a.ldy + r] = Cs[nn * S::C_PITCH + rr];
+    if (tok < a.n_tokens && r < p.R) a.y[tok * a.ldy + out_row(a.out_rows, r)] = Cs[nn * S::C_PITCH + rr];
   }
 }
 

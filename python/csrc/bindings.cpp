@@ -12,6 +12,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "vnm/core.h"
 #include "vnm/format.h"
@@ -61,6 +62,21 @@ const int32_t* optional_i32(const I32& a, int64_t count, const char* what) {
   if (!a.is_valid()) return nullptr;
   expect(a, count, 4, what);
   return a.data();
+}
+
+// optional_i32 for an index array the core writes or reads through (perm, row_perm): it must be
+// a permutation of 0..count-1, or a bad call would touch memory out of bounds.
+const int32_t* optional_perm(const I32& a, int64_t count, const char* what) {
+  const int32_t* p = optional_i32(a, count, what);
+  if (!p) return nullptr;
+  std::vector<bool> seen(size_t(count), false);
+  for (int64_t i = 0; i < count; ++i) {
+    if (p[i] < 0 || p[i] >= count || seen[size_t(p[i])])
+      throw std::invalid_argument(std::string(what) + " is not a permutation of 0.." +
+                                  std::to_string(count - 1));
+    seen[size_t(p[i])] = true;
+  }
+  return p;
 }
 
 const void* optional_any(const Any& a, int64_t count, vnm::DType t, const char* what) {
@@ -124,8 +140,8 @@ void bind_cuda(nb::module_& m) {
 
   m.def("cuda_spmm", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
                         const Cuda& values_p, const Cuda& meta_p, const Cuda& kidx, bool has_perm,
-                        const Cuda& x, int64_t n_tokens, const Cuda& bias, Cuda y, int device,
-                        uintptr_t stream, int path, bool force_gather) {
+                        const Cuda& out_rows, const Cuda& x, int64_t n_tokens, const Cuda& bias,
+                        Cuda y, int device, uintptr_t stream, int path, bool force_gather) {
     vnm::cuda::SpmmParams q;
     q.geom = geom_of(p, R, K);
     q.dtype = dtype;
@@ -136,6 +152,10 @@ void bind_cuda(nb::module_& m) {
     q.meta_p = static_cast<const uint32_t*>(cuda_ptr(meta_p, device, "packed meta"));
     q.kidx = static_cast<const int32_t*>(cuda_ptr(kidx, device, "packed kidx"));
     q.has_perm = has_perm;
+    if (out_rows.is_valid()) {  // a permutation: checked when the VNMTensor was built
+      expect(out_rows, R, 4, "out_rows");
+      q.out_rows = static_cast<const int32_t*>(cuda_ptr(out_rows, device, "out_rows"));
+    }
     q.x = cuda_ptr(x, device, "x");
     q.n_tokens = n_tokens;
     q.ldx = K;
@@ -156,7 +176,8 @@ void bind_cuda(nb::module_& m) {
     }
     check_status(st);
   }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "has_perm"_a,
-        "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a, "device"_a, "stream"_a, "path"_a = 0,
+        "out_rows"_a.none(), "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a, "device"_a, "stream"_a,
+        "path"_a = 0,
         "force_gather"_a = false, "y = x @ W^T (+ bias) on the GPU from the packed arrays.");
 
   m.def("cuda_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
@@ -350,20 +371,21 @@ NB_MODULE(_C, m) {
         "dense"_a.none(), "mask"_a.none());
 
   m.def("spmm", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype, const Any& values,
-                   const U8& meta, const U8& columns, const I32& perm, const Any& x,
-                   int64_t n_tokens, const Any& bias, Any y) {
+                   const U8& meta, const U8& columns, const I32& perm, const I32& row_perm,
+                   const Any& x, int64_t n_tokens, const Any& bias, Any y) {
     const vnm::DType t = to_dtype(dtype);
     const vnm::Layout L(p, R, K);
     expect_storage(L, t, values, meta, columns);
     expect(x, n_tokens * K, size_t(vnm::dtype_size(t)), "x");
     expect(y, n_tokens * R, size_t(vnm::dtype_size(t)), "y");
-    const int32_t* perm_ptr = optional_i32(perm, K, "perm");
+    const int32_t* perm_ptr = optional_perm(perm, K, "perm");
+    const int32_t* row_ptr = optional_perm(row_perm, R, "row_perm");
     const void* bias_ptr = optional_any(bias, R, t, "bias");
     nb::gil_scoped_release release;
-    vnm::spmm_reference(L, t, values.data(), meta.data(), columns.data(), perm_ptr, x.data(),
-                        n_tokens, bias_ptr, y.data());
+    vnm::spmm_reference(L, t, values.data(), meta.data(), columns.data(), perm_ptr, row_ptr,
+                        x.data(), n_tokens, bias_ptr, y.data());
   }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values"_a, "meta"_a, "columns"_a, "perm"_a.none(),
-        "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a);
+        "row_perm"_a.none(), "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a);
 
   // ---- packed (mma.sp kernel) layout, CPU versions ------------------------------------------
 
@@ -388,7 +410,7 @@ NB_MODULE(_C, m) {
     expect(meta, L.meta_bytes(), 1, "meta");
     expect(columns, L.columns_bytes(), 1, "columns");
     expect_packed(g, values_p, meta_p, kidx);
-    const int32_t* perm_ptr = optional_i32(perm, K, "perm");
+    const int32_t* perm_ptr = optional_perm(perm, K, "perm");
     nb::gil_scoped_release release;
     vnm::pack(g, static_cast<const uint16_t*>(values.data()), meta.data(), columns.data(), perm_ptr,
               static_cast<uint16_t*>(values_p.data()), static_cast<uint32_t*>(meta_p.data()),
@@ -405,7 +427,7 @@ NB_MODULE(_C, m) {
     expect(values, L.values_count(), 2, "values");
     expect(meta, L.meta_bytes(), 1, "meta");
     expect(columns, L.columns_bytes(), 1, "columns");
-    const int32_t* inv = optional_i32(inv_perm, K, "inv_perm");
+    const int32_t* inv = optional_perm(inv_perm, K, "inv_perm");
     nb::gil_scoped_release release;
     vnm::unpack(g, static_cast<const uint16_t*>(values_p.data()),
                 static_cast<const uint32_t*>(meta_p.data()),
@@ -415,21 +437,24 @@ NB_MODULE(_C, m) {
         "values"_a, "meta"_a, "columns"_a, "Packed arrays -> canonical storage.");
 
   m.def("spmm_packed", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
-                          const Any& values_p, const Any& meta_p, const Any& kidx, const Any& x,
-                          int64_t n_tokens, const Any& bias, Any y) {
+                          const Any& values_p, const Any& meta_p, const Any& kidx,
+                          const I32& out_rows, const Any& x, int64_t n_tokens, const Any& bias,
+                          Any y) {
     const vnm::DType t = to_dtype16(dtype);
     const vnm::sp::PackedGeom g = geom_of(p, R, K);
     expect_packed(g, values_p, meta_p, kidx);
     expect(x, n_tokens * K, 2, "x");
     expect(y, n_tokens * R, 2, "y");
+    const int32_t* rows_ptr = optional_perm(out_rows, R, "out_rows");
     const void* bias_ptr = optional_any(bias, R, t, "bias");
     nb::gil_scoped_release release;
     vnm::spmm_packed_reference(g, t, static_cast<const uint16_t*>(values_p.data()),
                                static_cast<const uint32_t*>(meta_p.data()),
-                               static_cast<const int32_t*>(kidx.data()), x.data(), n_tokens,
-                               bias_ptr, y.data());
-  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "x"_a,
-        "n_tokens"_a, "bias"_a.none(), "y"_a, "Reference SpMM straight from the packed arrays.");
+                               static_cast<const int32_t*>(kidx.data()), rows_ptr, x.data(),
+                               n_tokens, bias_ptr, y.data());
+  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a,
+        "out_rows"_a.none(), "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a,
+        "Reference SpMM straight from the packed arrays.");
 
   m.def("packed_to_dense", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
                               const Any& values_p, const Any& meta_p, const Any& kidx, Any dense) {
@@ -461,22 +486,24 @@ NB_MODULE(_C, m) {
         "(fp32) in and out. Returns '' or the invalid metadata found.");
 
   m.def("_emulate_spmm", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
-                            const Any& values_p, const Any& meta_p, const Any& kidx, const Any& x,
-                            int64_t n_tokens, const Any& bias, Any y, int path, bool contiguous_b) {
+                            const Any& values_p, const Any& meta_p, const Any& kidx,
+                            const I32& out_rows, const Any& x, int64_t n_tokens, const Any& bias,
+                            Any y, int path, bool contiguous_b) {
     const vnm::DType t = to_dtype16(dtype);
     const vnm::sp::PackedGeom g = geom_of(p, R, K);
     expect_packed(g, values_p, meta_p, kidx);
     expect(x, n_tokens * K, 2, "x");
     expect(y, n_tokens * R, 2, "y");
+    const int32_t* rows_ptr = optional_perm(out_rows, R, "out_rows");
     const void* bias_ptr = optional_any(bias, R, t, "bias");
     if (path < 0 || path > 2) throw std::invalid_argument("path must be 0, 1 or 2");
     nb::gil_scoped_release release;
     return vnm::sp::emulate_spmm(g, t, static_cast<const uint16_t*>(values_p.data()),
                                  static_cast<const uint32_t*>(meta_p.data()),
-                                 static_cast<const int32_t*>(kidx.data()), x.data(), n_tokens, K,
-                                 bias_ptr, y.data(), R, static_cast<vnm::sp::Path>(path),
-                                 contiguous_b);
-  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "x"_a,
+                                 static_cast<const int32_t*>(kidx.data()), rows_ptr, x.data(),
+                                 n_tokens, K, bias_ptr, y.data(), R,
+                                 static_cast<vnm::sp::Path>(path), contiguous_b);
+  }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "out_rows"_a.none(), "x"_a,
         "n_tokens"_a, "bias"_a.none(), "y"_a, "path"_a, "contiguous_b"_a,
         "Runs the CUDA kernel's logic on the CPU (path 0 auto, 1 decode, 2 tiled). Returns '' "
         "or the first problem the model of mma.sp found.");

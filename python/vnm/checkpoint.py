@@ -2,9 +2,9 @@
 
 One safetensors file (never pickle). Its tensors are the model's state dict, where each
 :class:`VNMLinear` contributes its canonical storage (``<name>.values``, ``.meta``, ``.columns``,
-optional ``.perm``, ``.bias``). Its header metadata holds a JSON description under the key
-``vnm``: format version, library version, the sparse layers with their pattern, shape, dtype and
-whether they carry a permutation, and a SHA-256 of all tensor bytes.
+optional ``.perm``, ``.row_perm``, ``.bias``). Its header metadata holds a JSON description under
+the key ``vnm``: format version, library version, the sparse layers with their pattern, shape,
+dtype and whether they carry an input or output permutation, and a SHA-256 of all tensor bytes.
 
 Loading validates everything (version, JSON, layer names and shapes, storage well-formedness,
 checksum) before it changes the model, so a bad file raises ``ValueError`` and loads nothing.
@@ -52,7 +52,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
         if isinstance(m, VNMLinear):
             layers[name] = {"pattern": m.pattern_text, "shape": [m.out_features, m.in_features],
                             "dtype": str(m.values.dtype).replace("torch.", ""), "perm": m.perm is not None,
-                            "bias": m.bias is not None}
+                            "row_perm": m.row_perm is not None, "bias": m.bias is not None}
     if not layers:
         raise ValueError("the model has no VNMLinear layer: sparsify it first (vnm.sparsify)")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -140,14 +140,16 @@ def load(path: Union[str, os.PathLike], model_or_config) -> nn.Module:
             raise ValueError(f"{path}: layer {name!r} is {shape[0] if shape else '?'}x{shape[1] if len(shape) > 1 else '?'} "
                              f"in the checkpoint but {expected[0]}x{expected[1]} in the model")
         arrays = {}
-        for key in ("values", "meta", "columns") + (("perm",) if info.get("perm") else ()):
+        keys = ("values", "meta", "columns") + (("perm",) if info.get("perm") else ()) + \
+            (("row_perm",) if info.get("row_perm") else ())
+        for key in keys:
             full = f"{name}.{key}"
             if full not in tensors:
                 raise ValueError(f"{path}: missing tensor {full}")
             arrays[key] = tensors.pop(full)
         try:
             w = VNMTensor(arrays["values"], arrays["meta"], arrays["columns"], info.get("pattern"), shape,
-                          arrays.get("perm"))
+                          arrays.get("perm"), row_perm=arrays.get("row_perm"))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: layer {name!r}: {exc}") from exc
         bias = tensors.pop(f"{name}.bias", None)

@@ -12,6 +12,8 @@ meta       int32    [MT, KS, 16]         the mma.sp metadata register of the 16 
 kidx       int32    [KB, 8*KS, 4]        x column of each selected column, perm applied
                                          (negative: padding, reads zero); KB = R'/V, or 1 for M = 4
 perm       int32    [K] or None          kept only so :func:`unpack` can restore the canonical form
+rows       int32    [R] or None          output row of each stored row (the VNMTensor's
+                                         ``row_perm``), applied by the kernels' epilogue
 =========  =======  ===================  =====================================================
 
 Public API: :func:`pack` (VNMTensor -> PackedVNM, on the tensor's device), :func:`unpack`
@@ -33,7 +35,7 @@ from ._checks import DTYPE_CODES, raw_bits, require_tensor
 from ._native import CUDA_BUILT, _C
 from .ops import check_spmm_inputs
 from .pattern import Pattern, PatternLike, as_pattern, require_compressible
-from .tensor import VNMTensor, storage_shapes
+from .tensor import VNMTensor, check_perm, storage_shapes
 
 __all__ = ["PackedVNM", "pack", "unpack", "spmm_packed", "packed_for", "packed_shapes"]
 
@@ -190,6 +192,18 @@ def _(values_p, meta_p, kidx, perm, pattern, R, K):
     )
 
 
+def _check_packed_dtypes(x: torch.Tensor, values_p, meta_p, kidx, rows, bias, y) -> None:
+    # The bindings see raw 16-bit words: a bf16 weight under fp16 x would be misread, not rejected.
+    if values_p.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but the packed weight is {values_p.dtype}; cast x with x.to({values_p.dtype})")
+    for name, t in (("bias", bias), ("y", y)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; cast it with .to({x.dtype})")
+    for name, t in (("packed meta", meta_p), ("packed kidx", kidx), ("rows", rows)):
+        if t is not None and t.dtype != torch.int32:
+            raise TypeError(f"{name} must be torch.int32, got {t.dtype} (use the arrays vnm.cuda_ops.pack returns)")
+
+
 def _spmm_packed_into(
     x: torch.Tensor,
     values_p: torch.Tensor,
@@ -203,11 +217,15 @@ def _spmm_packed_into(
     y: torch.Tensor,
     path: int = 0,
     force_gather: bool = False,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Writes ``x @ W.T (+ bias)`` into ``y`` (n x R, contiguous). ``path`` / ``force_gather``
-    pick a kernel on CUDA for tests (0 automatic, 1 decode, 2 tiled)."""
+    """Writes ``x @ W.T (+ bias)`` into ``y`` (n x R, contiguous); with ``rows`` stored row r goes
+    to column ``rows[r]`` of y. ``has_perm`` must say whether ``kidx`` was packed with a ``perm``
+    (for M = 4 without one the kernel reads x without a gather). ``path`` / ``force_gather`` pick
+    a kernel on CUDA for tests (0 automatic, 1 decode, 2 tiled)."""
     _require_kernel_dtype(x.dtype, "x")
-    _same_device(x.device, values_p=values_p, meta_p=meta_p, kidx=kidx, bias=bias, y=y)
+    _same_device(x.device, values_p=values_p, meta_p=meta_p, kidx=kidx, rows=rows, bias=bias, y=y)
+    _check_packed_dtypes(x, values_p, meta_p, kidx, rows, bias, y)
     n = x.shape[0]
     if n == 0:
         return y
@@ -216,12 +234,14 @@ def _spmm_packed_into(
     if x.device.type == "cuda":
         _require_cuda_build()
         _C.cuda_spmm(
-            p, R, K, code, _dl(values_p), _dl(meta_p), _dl(kidx), has_perm, _dl(x), n,
-            _dl(bias), _dl(y), x.device.index, _stream(x.device), path, force_gather,
+            p, R, K, code, _dl(values_p), _dl(meta_p), _dl(kidx), has_perm,
+            _dl(None if rows is None else rows.contiguous()), _dl(x), n, _dl(bias), _dl(y),
+            x.device.index, _stream(x.device), path, force_gather,
         )
     else:
         _C.spmm_packed(
-            p, R, K, code, _i16(values_p), meta_p.contiguous(), kidx.contiguous(), _i16(x), n,
+            p, R, K, code, _i16(values_p), meta_p.contiguous(), kidx.contiguous(),
+            None if rows is None else rows.contiguous(), _i16(x), n,
             None if bias is None else _i16(bias), y.view(torch.int16),
         )
     return y
@@ -233,6 +253,7 @@ def _spmm_packed_op(
     values_p: torch.Tensor,
     meta_p: torch.Tensor,
     kidx: torch.Tensor,
+    rows: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     pattern: str,
     R: int,
@@ -243,12 +264,12 @@ def _spmm_packed_op(
     y = torch.empty((x.shape[0], R), dtype=x.dtype, device=x.device)
     return _spmm_packed_into(
         x, values_p.contiguous(), meta_p.contiguous(), kidx.contiguous(),
-        None if bias is None else bias.contiguous(), pattern, R, K, has_perm, y,
+        None if bias is None else bias.contiguous(), pattern, R, K, has_perm, y, rows=rows,
     )
 
 
 @_spmm_packed_op.register_fake
-def _(x, values_p, meta_p, kidx, bias, pattern, R, K, has_perm):
+def _(x, values_p, meta_p, kidx, rows, bias, pattern, R, K, has_perm):
     return x.new_empty((x.shape[0], R))
 
 
@@ -281,20 +302,22 @@ def _(values_p, meta_p, kidx, pattern, R, K):
 
 
 def _spmm_packed_setup_context(ctx, inputs, output):
-    x, values_p, meta_p, kidx, bias, pattern, R, K, has_perm = inputs
-    ctx.save_for_backward(values_p, meta_p, kidx)
+    x, values_p, meta_p, kidx, rows, bias, pattern, R, K, has_perm = inputs
+    ctx.save_for_backward(values_p, meta_p, kidx, rows)
     ctx.meta_args = (pattern, R, K, bias is not None)
 
 
 def _spmm_packed_backward(ctx, grad_y):
-    # dL/dx = grad_y @ D with D the dense weight in x's column order (kidx already holds perm);
-    # the weight is frozen (inference layout), so only x and bias get gradients.
-    values_p, meta_p, kidx = ctx.saved_tensors
+    # dL/dx = grad_y[:, rows] @ D with D the dense weight in stored row order and x's column order
+    # (kidx already holds perm); the weight is frozen (inference layout), so only x and bias get
+    # gradients.
+    values_p, meta_p, kidx, rows = ctx.saved_tensors
     pattern, R, K, has_bias = ctx.meta_args
     dense = _packed_to_dense_op(values_p, meta_p, kidx, pattern, R, K)
-    grad_x = grad_y @ dense
+    grad_stored = grad_y if rows is None else grad_y.index_select(1, rows.long())
+    grad_x = grad_stored @ dense
     grad_bias = grad_y.sum(0) if has_bias else None
-    return grad_x, None, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None
 
 
 _spmm_packed_op.register_autograd(_spmm_packed_backward, setup_context=_spmm_packed_setup_context)
@@ -306,11 +329,11 @@ class PackedVNM:
     """A V:N:M weight (R x K) in the packed layout of the CUDA kernels (see the module doc).
 
     Build one with :func:`pack`; multiply with :func:`spmm_packed`; get the canonical storage
-    back with :func:`unpack`. A module can hold ``values``, ``meta``, ``kidx`` (and ``perm``)
-    as buffers and call ``torch.ops.vnm.spmm_packed`` itself.
+    back with :func:`unpack`. A module can hold ``values``, ``meta``, ``kidx`` (and ``perm``,
+    ``rows``) as buffers and call ``torch.ops.vnm.spmm_packed`` itself.
     """
 
-    __slots__ = ("values", "meta", "kidx", "perm", "pattern", "pattern_text", "shape")
+    __slots__ = ("values", "meta", "kidx", "perm", "rows", "pattern", "pattern_text", "shape")
 
     def __init__(
         self,
@@ -321,12 +344,14 @@ class PackedVNM:
         shape: Tuple[int, int],
         perm: Optional[torch.Tensor] = None,
         *,
+        rows: Optional[torch.Tensor] = None,
         validate: bool = True,
     ):
         self.pattern = require_compressible(as_pattern(pattern))
         self.pattern_text = str(self.pattern)
         self.shape = torch.Size((int(shape[0]), int(shape[1])))
         self.values, self.meta, self.kidx, self.perm = values, meta, kidx, perm
+        self.rows = rows
         if validate:
             self._validate()
 
@@ -344,20 +369,23 @@ class PackedVNM:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed arrays (perm included)."""
+        """Bytes of the packed arrays (perm and rows included)."""
         return sum(t.numel() * t.element_size() for t in self.arrays().values())
 
     def arrays(self) -> Dict[str, torch.Tensor]:
         out = {"values": self.values, "meta": self.meta, "kidx": self.kidx}
         if self.perm is not None:
             out["perm"] = self.perm
+        if self.rows is not None:
+            out["rows"] = self.rows
         return out
 
     def to(self, device) -> "PackedVNM":
         """A copy on ``device`` (the layout is the same on every device)."""
         return PackedVNM(
             self.values.to(device), self.meta.to(device), self.kidx.to(device), self.pattern,
-            self.shape, None if self.perm is None else self.perm.to(device), validate=False,
+            self.shape, None if self.perm is None else self.perm.to(device),
+            rows=None if self.rows is None else self.rows.to(device), validate=False,
         )
 
     def unpack(self) -> VNMTensor:
@@ -379,14 +407,17 @@ class PackedVNM:
             if t.device != self.values.device:
                 raise ValueError(f"packed {name} is on {t.device} but values on {self.values.device}")
         _require_kernel_dtype(self.values.dtype, "the packed values")
-        if self.perm is not None and (tuple(self.perm.shape) != (K,) or self.perm.dtype != torch.int32):
-            raise ValueError(f"perm must be int32 of shape ({K},), got {self.perm.dtype} {tuple(self.perm.shape)}")
+        if self.perm is not None:
+            self.perm = check_perm(self.perm, K).to(self.values.device)
+        if self.rows is not None:
+            self.rows = check_perm(self.rows, R, "rows", "output row").to(self.values.device)
 
     def __repr__(self) -> str:
         R, K = self.shape
         return (
             f"PackedVNM(shape=({R}, {K}), pattern='{self.pattern}', dtype={self.dtype}, "
-            f"device={self.device}, nbytes={self.nbytes}{', perm' if self.perm is not None else ''})"
+            f"device={self.device}, nbytes={self.nbytes}{', perm' if self.perm is not None else ''}"
+            f"{', rows' if self.rows is not None else ''})"
         )
 
 
@@ -398,7 +429,7 @@ def pack(w: VNMTensor) -> PackedVNM:
     _require_kernel_dtype(w.dtype, "the weight")
     R, K = w.shape
     values_p, meta_p, kidx = _pack_op(w.values, w.meta, w.columns, w.perm, w.pattern_text, R, K)
-    return PackedVNM(values_p, meta_p, kidx, w.pattern, (R, K), w.perm, validate=False)
+    return PackedVNM(values_p, meta_p, kidx, w.pattern, (R, K), w.perm, rows=w.row_perm, validate=False)
 
 
 def unpack(p: PackedVNM) -> VNMTensor:
@@ -407,7 +438,7 @@ def unpack(p: PackedVNM) -> VNMTensor:
         raise TypeError(f"unpack takes a vnm.cuda_ops.PackedVNM, got {type(p).__name__}")
     R, K = p.shape
     values, meta, columns = _unpack_op(p.values, p.meta, p.kidx, p.perm, p.pattern_text, R, K)
-    return VNMTensor(values, meta, columns, p.pattern, (R, K), p.perm, validate=False)
+    return VNMTensor(values, meta, columns, p.pattern, (R, K), p.perm, row_perm=p.rows, validate=False)
 
 
 def packed_for(w: VNMTensor) -> PackedVNM:
@@ -428,11 +459,11 @@ def spmm_packed(p: PackedVNM, x: torch.Tensor, bias: Optional[torch.Tensor] = No
     R, K = p.shape
     check_spmm_inputs(x, p.values, bias, R, K)
     lead = x.shape[:-1]
-    y = _spmm_packed_op(x.reshape(-1, K), p.values, p.meta, p.kidx, bias, p.pattern_text, R, K, p.has_perm)
+    y = _spmm_packed_op(x.reshape(-1, K), p.values, p.meta, p.kidx, p.rows, bias, p.pattern_text, R, K, p.has_perm)
     return y.reshape(*lead, R)
 
 
-def spmm_cuda(x, values, meta, columns, perm, bias, pattern, R, K, y):
+def spmm_cuda(x, values, meta, columns, perm, row_perm, bias, pattern, R, K, y):
     """CUDA branch of ``vnm::spmm`` (canonical arrays): packs into temporaries, then runs the
     kernel into ``y``. ``vnm.spmm`` avoids the packing by caching it on the VNMTensor."""
     _require_cuda_build()
@@ -440,5 +471,5 @@ def spmm_cuda(x, values, meta, columns, perm, bias, pattern, R, K, y):
     values_p, meta_p, kidx = _pack_op(values, meta, columns, perm, pattern, R, K)
     return _spmm_packed_into(
         x.contiguous(), values_p, meta_p, kidx, None if bias is None else bias.contiguous(),
-        pattern, R, K, perm is not None, y,
+        pattern, R, K, perm is not None, y, rows=row_perm,
     )

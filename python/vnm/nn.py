@@ -17,18 +17,21 @@ from .layers import weight_matrix
 from .mask import select_mask
 from .ops import check_spmm_inputs, spmm_storage
 from .pattern import PatternLike, as_pattern, require_compressible
-from .tensor import VNMTensor, check_perm
+from .tensor import VNMTensor, check_perm, check_row_perm
 
 
 class VNMLinear(nn.Module):
     """``y = x @ W.T + bias`` with W (out_features x in_features) in V:N:M storage.
 
     Build one with :meth:`from_linear`. With ``perm`` the stored matrix multiplies
-    ``x[..., perm]`` (an input permutation no producer could absorb).
+    ``x[..., perm]`` (an input permutation no producer could absorb); with ``row_perm`` stored row
+    r is written to output feature ``row_perm[r]`` (an output permutation no consumer could absorb,
+    undone where the output is written). ``bias`` is in output order.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: PatternLike, bias: bool = True,
-                 has_perm: bool = False, dtype: torch.dtype = torch.float32, device=None):
+                 has_perm: bool = False, dtype: torch.dtype = torch.float32, device=None,
+                 has_row_perm: bool = False):
         super().__init__()
         p = require_compressible(as_pattern(pattern))
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -41,26 +44,33 @@ class VNMLinear(nn.Module):
         self.register_buffer("meta", empty.meta.to(device))
         self.register_buffer("columns", empty.columns.to(device))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if has_perm else None)
+        self.register_buffer("row_perm",
+                             torch.arange(out_features, dtype=torch.int32, device=device) if has_row_perm else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._refresh_packed()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, mask: Optional[torch.Tensor] = None, pattern: PatternLike = "2:4",
-                    perm: Optional[torch.Tensor] = None) -> "VNMLinear":
+                    perm: Optional[torch.Tensor] = None, row_perm: Optional[torch.Tensor] = None) -> "VNMLinear":
         """Compress an ``nn.Linear`` (or ``Conv1D``).
 
         ``mask`` (out x in, bool) says which weights to keep; without one the mask keeping the most
         magnitude is selected. With ``perm`` the layer computes ``x[..., perm] @ W[:, perm].T``: the
-        same function, with columns regrouped, and ``mask`` is then a mask of ``W[:, perm]``.
+        same function, with columns regrouped. With ``row_perm`` it stores ``W[row_perm]`` and
+        writes stored row r to output ``row_perm[r]``: the same function, with rows regrouped.
+        ``mask`` is a mask of the stored matrix ``W[row_perm][:, perm]``.
         """
         weight = weight_matrix(linear).detach()
         out_features, in_features = weight.shape
         if perm is not None:
             perm = check_perm(perm, in_features).to(weight.device)
             weight = weight[:, perm.long()]
+        if row_perm is not None:
+            row_perm = check_row_perm(row_perm, out_features).to(weight.device)
+            weight = weight[row_perm.long()]
         if mask is None:
             mask = select_mask(weight.float().abs(), pattern)
-        t = VNMTensor.from_dense(weight, mask, pattern, perm=perm)
+        t = VNMTensor.from_dense(weight, mask, pattern, perm=perm, row_perm=row_perm)
         bias = getattr(linear, "bias", None)
         return cls.from_tensor(t, None if bias is None else bias.detach())
 
@@ -76,6 +86,7 @@ class VNMLinear(nn.Module):
         m.register_buffer("meta", weight.meta)
         m.register_buffer("columns", weight.columns)
         m.register_buffer("perm", weight.perm)
+        m.register_buffer("row_perm", weight.row_perm)
         if bias is not None:
             if tuple(bias.shape) != (R,):
                 raise ValueError(f"bias must have shape ({R},), got {tuple(bias.shape)}")
@@ -89,16 +100,11 @@ class VNMLinear(nn.Module):
     def weight_vnm(self) -> VNMTensor:
         """The compressed weight as a :class:`VNMTensor` (shares storage with the module)."""
         return VNMTensor(self.values, self.meta, self.columns, self.pattern, (self.out_features, self.in_features),
-                         self.perm, validate=False)
+                         self.perm, row_perm=self.row_perm, validate=False)
 
     def dense_weight(self) -> torch.Tensor:
         """The effective dense weight: ``x @ dense_weight().T`` equals this layer (without bias)."""
-        stored = self.weight_vnm.to_dense()
-        if self.perm is None:
-            return stored
-        dense = torch.zeros_like(stored)
-        dense[:, self.perm.long()] = stored
-        return dense
+        return self.weight_vnm.effective_dense()
 
     def to_linear(self) -> nn.Linear:
         """An equivalent dense ``nn.Linear`` (pruned weights are zeros)."""
@@ -139,21 +145,22 @@ class VNMLinear(nn.Module):
             check_spmm_inputs(x, self.values, self.bias, self.out_features, self.in_features)
             lead = x.shape[:-1]
             y = torch.ops.vnm.spmm_packed(x.reshape(-1, self.in_features).contiguous(), packed.values, packed.meta,
-                                          packed.kidx, self.bias, self.pattern_text, self.out_features,
-                                          self.in_features, self.perm is not None)
+                                          packed.kidx, packed.rows, self.bias, self.pattern_text,
+                                          self.out_features, self.in_features, self.perm is not None)
             return y.reshape(*lead, self.out_features)
-        return spmm_storage(x, self.values, self.meta, self.columns, self.perm, self.bias, self.pattern_text,
-                            self.out_features, self.in_features)
+        return spmm_storage(x, self.values, self.meta, self.columns, self.perm, self.row_perm, self.bias,
+                            self.pattern_text, self.out_features, self.in_features)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the weight storage (without the bias)."""
-        return sum(t.numel() * t.element_size() for t in (self.values, self.meta, self.columns, self.perm)
-                   if t is not None)
+        return sum(t.numel() * t.element_size()
+                   for t in (self.values, self.meta, self.columns, self.perm, self.row_perm) if t is not None)
 
     def extra_repr(self) -> str:
         dense = self.in_features * self.out_features * self.values.element_size()
         return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern_text}, "
                 f"sparsity={self.pattern.sparsity:.3f}, bias={self.bias is not None}, "
-                f"perm={self.perm is not None}, storage={self.nbytes / dense:.3f} of dense")
+                f"perm={self.perm is not None}, row_perm={self.row_perm is not None}, "
+                f"storage={self.nbytes / dense:.3f} of dense")
 

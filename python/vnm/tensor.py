@@ -8,9 +8,14 @@ meta       uint8               [R', ceil(G/2)]     2-bit positions (among the 4 
                                                    of the 2 kept values; two groups per byte
 columns    uint8               [R'/V, G, 4]        the 4 selected column offsets in [0, M)
 perm       int32, optional     [K]                 the stored matrix multiplies ``x[..., perm]``
+row_perm   int32, optional     [R]                 stored row r is output row ``row_perm[r]``
 =========  ==================  ==================  ==============================================
 
-``R'`` is R padded to a multiple of V (16 for plain 2:4) and ``G = ceil(K / M)``.
+``R'`` is R padded to a multiple of V (16 for plain 2:4) and ``G = ceil(K / M)``. The two
+permutations regroup which rows and columns share a V x M block (see :func:`vnm.search_permutation`)
+without changing the function: ``stored[r, k] = W[row_perm[r], perm[k]]`` for the layer's weight W.
+``perm`` is a gather of x where the layer reads its input; ``row_perm`` is a scatter where the
+output is written (the kernels' epilogue stores stored row r at column ``row_perm[r]`` of y).
 """
 
 from __future__ import annotations
@@ -40,17 +45,22 @@ def storage_shapes(pattern: Pattern, R: int, K: int) -> Dict[str, Tuple[int, ...
     }
 
 
-def check_perm(perm: torch.Tensor, K: int) -> torch.Tensor:
+def check_perm(perm: torch.Tensor, K: int, name: str = "perm", what: str = "input column") -> torch.Tensor:
     """``perm`` as an int32 CPU-checked permutation of range(K); ``ValueError`` otherwise."""
-    require_tensor(perm, "perm")
+    require_tensor(perm, name)
     if perm.dim() != 1 or perm.shape[0] != K:
-        raise ValueError(f"perm must have shape ({K},) (one entry per input column), got {tuple(perm.shape)}")
+        raise ValueError(f"{name} must have shape ({K},) (one entry per {what}), got {tuple(perm.shape)}")
     if perm.dtype.is_floating_point or perm.dtype == torch.bool or perm.is_complex():
-        raise TypeError(f"perm must be an integer tensor, got {perm.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got {perm.dtype}")
     p = perm.detach().to("cpu", torch.int64)
     if not torch.equal(torch.sort(p).values, torch.arange(K)):
-        raise ValueError(f"perm is not a permutation of 0..{K - 1} (some indices repeat or are out of range)")
+        raise ValueError(f"{name} is not a permutation of 0..{K - 1} (some indices repeat or are out of range)")
     return perm.detach().to(torch.int32)
+
+
+def check_row_perm(row_perm: torch.Tensor, R: int) -> torch.Tensor:
+    """:func:`check_perm` for an output-row permutation of an R-row weight."""
+    return check_perm(row_perm, R, "row_perm", "output row")
 
 
 class VNMTensor:
@@ -63,7 +73,7 @@ class VNMTensor:
     # pattern_text caches str(pattern): the forward path must not call into the nanobind Pattern,
     # which torch.compile cannot trace. _packed caches the CUDA kernel layout
     # (vnm.cuda_ops.packed_for), built on the first vnm.spmm with CUDA tensors.
-    __slots__ = ("values", "meta", "columns", "perm", "pattern", "pattern_text", "shape", "_packed")
+    __slots__ = ("values", "meta", "columns", "perm", "row_perm", "pattern", "pattern_text", "shape", "_packed")
 
     def __init__(
         self,
@@ -74,12 +84,14 @@ class VNMTensor:
         shape: Tuple[int, int],
         perm: Optional[torch.Tensor] = None,
         *,
+        row_perm: Optional[torch.Tensor] = None,
         validate: bool = True,
     ):
         self.pattern = require_compressible(as_pattern(pattern))
         self.pattern_text = str(self.pattern)
         self.shape = torch.Size((int(shape[0]), int(shape[1])))
         self.values, self.meta, self.columns, self.perm = values, meta, columns, perm
+        self.row_perm = row_perm
         self._packed = None
         if validate:
             self._validate()
@@ -93,12 +105,15 @@ class VNMTensor:
         mask: torch.Tensor,
         pattern: PatternLike,
         perm: Optional[torch.Tensor] = None,
+        row_perm: Optional[torch.Tensor] = None,
     ) -> "VNMTensor":
         """Compress ``weight * mask``.
 
-        ``weight`` (R x K, float32 / float16 / bfloat16) holds the columns in the order the layer
-        reads them: with ``perm`` the stored matrix multiplies ``x[..., perm]``. ``mask`` must be
-        valid for ``pattern`` (see :func:`vnm.check_mask`); kept weights must be finite.
+        ``weight`` (R x K, float32 / float16 / bfloat16) is the stored matrix: its columns in the
+        order the layer reads them (with ``perm`` it multiplies ``x[..., perm]``) and its rows in
+        stored order (with ``row_perm``, stored row r is the layer's output row ``row_perm[r]``).
+        ``mask`` must be valid for ``pattern`` (see :func:`vnm.check_mask`); kept weights must be
+        finite.
         """
         p = require_compressible(as_pattern(pattern))
         require_2d(weight, "weight")
@@ -119,13 +134,15 @@ class VNMTensor:
                 f"(row {row}, column {col}); fix the weight or prune those positions"
             )
         perm32 = None if perm is None else check_perm(perm, K).to(weight.device)
+        rows32 = None if row_perm is None else check_row_perm(row_perm, R).to(weight.device)
         shapes = storage_shapes(p, R, K)
         values = torch.empty(shapes["values"], dtype=weight.dtype)
         meta = torch.empty(shapes["meta"], dtype=torch.uint8)
         columns = torch.empty(shapes["columns"], dtype=torch.uint8)
         _C.compress(w, code, m, p, R, K, raw_bits(values), meta, columns)
         dev = weight.device
-        return cls(values.to(dev), meta.to(dev), columns.to(dev), p, (R, K), perm32, validate=False)
+        return cls(values.to(dev), meta.to(dev), columns.to(dev), p, (R, K), perm32, row_perm=rows32,
+                   validate=False)
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -139,7 +156,7 @@ class VNMTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the storage (values, meta, columns and perm)."""
+        """Bytes of the storage (values, meta, columns and the permutations)."""
         return sum(t.numel() * t.element_size() for t in self.arrays().values())
 
     @property
@@ -148,10 +165,12 @@ class VNMTensor:
         return self.shape[0] * self.shape[1] * self.values.element_size()
 
     def arrays(self) -> Dict[str, torch.Tensor]:
-        """The canonical arrays by name (``perm`` only when present)."""
+        """The canonical arrays by name (``perm`` and ``row_perm`` only when present)."""
         out = {"values": self.values, "meta": self.meta, "columns": self.columns}
         if self.perm is not None:
             out["perm"] = self.perm
+        if self.row_perm is not None:
+            out["row_perm"] = self.row_perm
         return out
 
     def _decompress(self, want_dense: bool, want_mask: bool):
@@ -167,10 +186,25 @@ class VNMTensor:
         return dense, mask
 
     def to_dense(self) -> torch.Tensor:
-        """The stored R x K matrix (``weight * mask`` of :meth:`from_dense`, bit for bit), on this
-        tensor's device. With a ``perm`` it is the matrix that multiplies ``x[..., perm]``."""
+        """The stored R x K matrix, on this tensor's device: ``torch.where(mask, weight, 0)`` of
+        :meth:`from_dense`, bit for bit (pruned positions are +0.0, whatever the weight held
+        there). With permutations it is in stored order; :meth:`effective_dense` undoes them."""
         dense, _ = self._decompress(True, False)
         return dense.to(self.device)
+
+    def effective_dense(self) -> torch.Tensor:
+        """The dense W (R x K) with ``vnm.spmm(self, x) == x @ W.T``: :meth:`to_dense` with
+        ``row_perm`` and ``perm`` undone (``W[row_perm[r], perm[k]] = stored[r, k]``)."""
+        w = self.to_dense()
+        if self.perm is not None:
+            out = torch.zeros_like(w)
+            out[:, self.perm.long()] = w
+            w = out
+        if self.row_perm is not None:
+            out = torch.zeros_like(w)
+            out[self.row_perm.long()] = w
+            w = out
+        return w
 
     def mask(self) -> torch.Tensor:
         """Boolean R x K mask of the positions the storage holds (a valid mask for the pattern)."""
@@ -178,7 +212,12 @@ class VNMTensor:
         return mask.view(torch.bool).to(self.device)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "VNMTensor":
-        """A copy on ``device`` and/or with values cast to ``dtype`` (indices unchanged)."""
+        """A copy on ``device`` and/or with values cast to ``dtype`` (indices unchanged), as
+        ``torch.Tensor.to``: ``t.to("cuda")``, ``t.to(torch.float16)``, ``t.to("cuda", torch.float16)``."""
+        if isinstance(device, torch.dtype):  # t.to(torch.float16)
+            if dtype is not None:
+                raise TypeError("VNMTensor.to got two dtypes; pass a device and/or one dtype")
+            device, dtype = None, device
         values = self.values
         if dtype is not None and dtype != values.dtype:
             dtype_code(dtype, "target dtype")
@@ -189,15 +228,16 @@ class VNMTensor:
             values = values.to(device)
         dev = values.device
         perm = None if self.perm is None else self.perm.to(dev)
+        rows = None if self.row_perm is None else self.row_perm.to(dev)
         return VNMTensor(values, self.meta.to(dev), self.columns.to(dev), self.pattern, self.shape, perm,
-                         validate=False)
+                         row_perm=rows, validate=False)
 
     def __repr__(self) -> str:
         R, K = self.shape
         return (
             f"VNMTensor(shape=({R}, {K}), pattern='{self.pattern}', dtype={self.dtype}, "
             f"device={self.device}, nbytes={self.nbytes} ({self.nbytes / self.dense_nbytes:.3f} of dense)"
-            f"{', perm' if self.perm is not None else ''})"
+            f"{', perm' if self.perm is not None else ''}{', row_perm' if self.row_perm is not None else ''})"
         )
 
     # ---- validation --------------------------------------------------------------------------
@@ -226,6 +266,8 @@ class VNMTensor:
                 raise ValueError(f"{name} is on {getattr(self, name).device} but values on {dev}")
         if self.perm is not None:
             self.perm = check_perm(self.perm, K).to(dev)
+        if self.row_perm is not None:
+            self.row_perm = check_row_perm(self.row_perm, R).to(dev)
         err = _C.check_storage(self.pattern, R, K, self.meta.to("cpu").contiguous(),
                                self.columns.to("cpu").contiguous())
         if err:

@@ -52,11 +52,13 @@ void decompress(const Layout& L, DType t, const void* values, const uint8_t* met
 
 // ---- reference SpMM -----------------------------------------------------------------------
 
-// y[n, r] = sum_k W[r, k] * x[n, perm ? perm[k] : k] (+ bias[r]) for n < n_tokens, r < R,
-// straight from the storage. x is n_tokens x K and y n_tokens x R, both of dtype t; bias (R,)
-// of dtype t or null; perm (K,) or null. Accumulates in fp32, rounds once into y.
+// y[n, o(r)] = sum_k W[r, k] * x[n, perm ? perm[k] : k] (+ bias[o(r)]) for n < n_tokens,
+// r < R, with o(r) = row_perm ? row_perm[r] : r, straight from the storage (W is the stored
+// matrix). x is n_tokens x K and y n_tokens x R, both of dtype t; bias (R,) of dtype t or null,
+// in output order; perm (K,) and row_perm (R,) permutations or null. Accumulates in fp32,
+// rounds once into y.
 void spmm_reference(const Layout& L, DType t, const void* values, const uint8_t* meta,
-                    const uint8_t* columns, const int32_t* perm, const void* x, int64_t n_tokens,
-                    const void* bias, void* y);
+                    const uint8_t* columns, const int32_t* perm, const int32_t* row_perm,
+                    const void* x, int64_t n_tokens, const void* bias, void* y);
 
 }  // namespace vnm

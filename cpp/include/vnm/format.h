@@ -20,6 +20,8 @@
 //                                          nibble mma.sp reads for one row and one k-group of 4.
 //   columns [R'/V, G, 4]     uint8         the 4 selected column offsets in [0, M), ascending
 //   perm    [K]              int32, opt.   the stored matrix multiplies x[..., perm]
+//   row_perm [R]             int32, opt.   stored row r is output row row_perm[r]: the SpMM writes
+//                                          it there (and reads bias[row_perm[r]])
 // A row that keeps fewer than 2 values in a group (the mask may keep fewer) stores zeros in the
 // free slots, at the lowest free positions; a block that uses fewer than 4 columns fills its set
 // with the lowest unused offsets. Selected offsets may point into the column padding (>= K); the

@@ -35,12 +35,12 @@ void ldmatrix_x4(const uint16_t* smem, const int row_offset[kWarp], uint32_t out
 // Runs the decode or the tiled CUDA kernel on the CPU, thread by thread where the kernel's data
 // movement depends on the thread, with the model above for every mma.sp and ldmatrix.
 // Arguments as vnm::cuda::SpmmParams: x is n_tokens x K (row pitch ldx), y n_tokens x R (row
-// pitch ldy), bias R values or null, all of dtype t (f16 or bf16). `contiguous_b` selects the
-// kernel's gather-free B path (valid only for M == 4 without perm, K % 8 == 0). Returns "" or
-// the first problem the model found.
+// pitch ldy), bias R values or null (output order), out_rows R output rows or null, all 16-bit
+// values of dtype t (f16 or bf16). `contiguous_b` selects the kernel's gather-free B path (valid
+// only for M == 4 without perm, K % 8 == 0). Returns "" or the first problem the model found.
 std::string emulate_spmm(const PackedGeom& p, DType t, const uint16_t* values_p,
-                         const uint32_t* meta_p, const int32_t* kidx, const void* x,
-                         int64_t n_tokens, int64_t ldx, const void* bias, void* y, int64_t ldy,
-                         Path path, bool contiguous_b);
+                         const uint32_t* meta_p, const int32_t* kidx, const int32_t* out_rows,
+                         const void* x, int64_t n_tokens, int64_t ldx, const void* bias, void* y,
+                         int64_t ldy, Path path, bool contiguous_b);
 
 }  // namespace vnm::sp

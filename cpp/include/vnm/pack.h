@@ -25,13 +25,13 @@ void unpack(const sp::PackedGeom& p, const uint16_t* values_p, const uint32_t* m
             const int32_t* kidx, const int32_t* inv_perm, uint16_t* values, uint8_t* meta,
             uint8_t* columns);
 
-// y[n, r] = sum over kept weights of value * x[n, kidx] (+ bias[r]) for r < R, straight from
-// the packed arrays (kidx already holds perm). x is n_tokens x K, y n_tokens x R, dtype t
-// (float16 or bfloat16); fp32 accumulation, one rounding. The CPU implementation of
-// vnm::spmm_packed.
+// y[n, o(r)] = sum over kept weights of value * x[n, kidx] (+ bias[o(r)]) for r < R, with
+// o = sp::out_row(out_rows, .), straight from the packed arrays (kidx already holds perm). x is
+// n_tokens x K, y n_tokens x R, dtype t (float16 or bfloat16); fp32 accumulation, one rounding.
+// The CPU implementation of vnm::spmm_packed.
 void spmm_packed_reference(const sp::PackedGeom& p, DType t, const uint16_t* values_p,
-                           const uint32_t* meta_p, const int32_t* kidx, const void* x,
-                           int64_t n_tokens, const void* bias, void* y);
+                           const uint32_t* meta_p, const int32_t* kidx, const int32_t* out_rows,
+                           const void* x, int64_t n_tokens, const void* bias, void* y);
 
 // The dense R x K matrix D with y = x @ D^T in x's column order (perm folded in), written into
 // `dense` (dtype t, zero-filled here first). Used for the gradient with respect to x.

@@ -47,6 +47,8 @@
 //                                      or a padded group (which the kernels read as zero: x is
 //                                      never read past K). 32 consecutive entries = one k-step,
 //                                      in the order of B's k.
+//   out_rows  [R]              int32   optional: the output row of each stored row (row_perm of
+//                                      the VNMTensor), applied where the epilogue stores y.
 // The non-negative entries hide perm; unpack restores columns from them with the inverse perm.
 #pragma once
 
@@ -194,6 +196,11 @@ VNM_HD int32_t packed_kidx_at(const PackedGeom& p, const uint8_t* columns, const
   if (c >= p.K) return -1 - off;    // column padding: never read x past K
   return perm ? perm[c] : int32_t(c);
 }
+
+// Output row of stored row r: out_rows (the VNMTensor's row_perm, R entries) scatters the rows
+// back to the layer's output order in the epilogue; null keeps them in place. The bias is read
+// at the output row (it is in the layer's order).
+VNM_HD int64_t out_row(const int32_t* out_rows, int64_t r) { return out_rows ? out_rows[r] : r; }
 
 // Where canonical value (row, group, slot) sits in values_p.
 VNM_HD int64_t packed_value_of(const PackedGeom& p, int64_t row, int64_t group, int slot) {

@@ -30,8 +30,9 @@ int device_count();
 
 // y = x @ W^T (+ bias) for W in packed form: x is n_tokens x K with row pitch ldx (elements),
 // y n_tokens x R with row pitch ldy, bias R values or null, all of one dtype. fp32 accumulation,
-// one rounding into y.
-//   alignment: values_p and meta_p 16 bytes, kidx 8 bytes, x / y / bias 2 bytes.
+// one rounding into y. With out_rows (a permutation of 0..R-1), stored row r is written to
+// column out_rows[r] of y and reads bias[out_rows[r]] (the layer's output order).
+//   alignment: values_p and meta_p 16 bytes, kidx 8 bytes, out_rows 4, x / y / bias 2 bytes.
 struct SpmmParams {
   sp::PackedGeom geom;
   int dtype = 1;                       // vnm::DType code: 1 float16, 2 bfloat16
@@ -39,6 +40,7 @@ struct SpmmParams {
   const uint32_t* meta_p = nullptr;    // [MT][KS][16]
   const int32_t* kidx = nullptr;       // [KB][Gp][4]
   bool has_perm = false;               // kidx holds a permutation (B is gathered even for M == 4)
+  const int32_t* out_rows = nullptr;   // [R] or null
   const void* x = nullptr;
   int64_t n_tokens = 0;
   int64_t ldx = 0;
