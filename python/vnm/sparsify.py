@@ -6,12 +6,17 @@ picks layers by module and name. Layers that should stay dense (embeddings are n
 layers; by default the LM head, classifier and pooler) or whose shape cannot be served are
 skipped, and the report says which and why.
 
-Permutations (``permute``) follow :mod:`vnm.graph`: along an MLP edge one permutation of the hidden
-features serves as the producers' row order and the consumer's column order; along an attention
-edge a per-head permutation of the value features does the same for the output projection. Both
-are free at inference. With ``permute='all'`` the other layers (fed by the residual stream) also
-get a column permutation, which their forward gathers (``x[..., perm]``). Every permutation is kept
-only if it raises the kept score over the identity.
+Permutations (``permute``) follow :mod:`vnm.graph`. Free at inference (``permute='free'``):
+- along an MLP edge one permutation of the hidden features serves as the producers' row order and
+  the consumer's column order ("rows absorbed" / "cols absorbed"); along an attention edge a
+  per-head permutation of the value features does the same for the output projection;
+- every other V:N:M layer's rows (the output projection, the MLP down projection, queries and keys,
+  any producer whose rows no edge reordered) are regrouped and written back in the layer's order
+  where the kernel stores the output ("rows scattered": ``VNMLinear.row_perm``, the epilogue's
+  store goes to column ``row_perm[r]``; on the CPU the reference does the same).
+With ``permute='all'`` the layers fed by the residual stream also get a column permutation, which
+their forward gathers (``x[..., perm]``, "cols gathered"). Every permutation is kept only if it
+raises the kept score over the identity.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ class SparsifyConfig:
         down columns, value rows into output-projection columns within heads); or True / 'all'
         (also input permutations gathered at run time for layers fed by the residual stream).
     permute_time_budget: seconds of permutation search per layer.
+    permute_max_rounds: also stop each search after this many rounds. A search that ends by its
+        round limit (give it a time budget it never reaches) gives the same permutations for the
+        same model, scores and seed on every machine; a wall-clock budget does not.
     skip: module-name globs left dense.
     dtype: dtype of the compressed values (default: the layer's).
     """
@@ -61,6 +69,7 @@ class SparsifyConfig:
     calibration: Optional[Iterable] = None
     permute: Union[bool, str] = False
     permute_time_budget: float = 2.0
+    permute_max_rounds: Optional[int] = None
     skip: Sequence[str] = DEFAULT_SKIP
     dtype: Optional[torch.dtype] = None
     seed: int = 0
@@ -94,19 +103,21 @@ class LayerReport:
     kept_importance_identity: Optional[float] = None  # the same without permutations
     score_total: Optional[float] = None  # sum of the layer's scores (to weigh kept importance)
     storage_ratio: Optional[float] = None
-    # Permutations applied: rows (stored row i is original row row_perm[i], undone by the
-    # consumer) and columns (absorbed from the producers, or gathered when col_gathered).
+    # Permutations applied: rows (stored row i is original row row_perm[i]; undone by the consumer,
+    # or where the output is written when row_scattered) and columns (absorbed from the producers,
+    # or gathered when col_gathered).
     row_perm: Optional[torch.Tensor] = None
     col_perm: Optional[torch.Tensor] = None
+    row_scattered: bool = False
     col_gathered: bool = False
 
     @property
     def permutation(self) -> Optional[str]:
         parts = []
         if self.row_perm is not None:
-            parts.append("rows")
+            parts.append("rows scattered" if self.row_scattered else "rows absorbed")
         if self.col_perm is not None:
-            parts.append("gathered" if self.col_gathered else "absorbed")
+            parts.append("cols gathered" if self.col_gathered else "cols absorbed")
         return "+".join(parts) or None
 
     def to_dict(self) -> dict:
@@ -135,11 +146,11 @@ class SparsifyReport:
         raise KeyError(name)
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<48} {'shape':>12} {'pattern':>8} {'kept':>6} {'perm':>14}  note"]
+        lines = [f"{'layer':<48} {'shape':>12} {'pattern':>8} {'kept':>6} {'permutation':>28}  note"]
         for r in self.layers:
             kept = "" if r.kept_importance is None else f"{r.kept_importance:.3f}"
             lines.append(f"{r.name:<48} {f'{r.shape[0]}x{r.shape[1]}':>12} {r.pattern or '-':>8} {kept:>6} "
-                         f"{r.permutation or '-':>14}  {r.skipped or ''}")
+                         f"{r.permutation or '-':>28}  {r.skipped or ''}")
         return "\n".join(lines)
 
 
@@ -223,6 +234,7 @@ class _Scores:
 class _Plan:
     row_perm: Optional[torch.Tensor] = None
     col_perm: Optional[torch.Tensor] = None
+    row_scattered: bool = False
     col_gathered: bool = False
 
 
@@ -235,7 +247,12 @@ def _permuted(s: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 def _search(scores: torch.Tensor, pattern: str, config: SparsifyConfig, budget: float, **kw):
-    return search_permutation(scores, pattern, time_budget=budget, seed=config.seed, progress=False, **kw)
+    return search_permutation(scores, pattern, time_budget=budget, seed=config.seed, progress=False,
+                              max_rounds=config.permute_max_rounds, **kw)
+
+
+def _is_identity(perm: torch.Tensor) -> bool:
+    return bool(torch.equal(perm, torch.arange(perm.numel(), dtype=perm.dtype)))
 
 
 def _plan_mlp(edge: MlpEdge, scores: _Scores, patterns: Dict[str, str], plans, config) -> None:
@@ -277,16 +294,25 @@ def _plan_heads(edge: HeadsEdge, scores: _Scores, patterns: Dict[str, str], plan
     if s.shape[1] != edge.num_heads * d:
         return
     group = edge.num_heads // edge.num_kv_heads
-    budget = config.permute_time_budget / edge.num_kv_heads
-    col_perm = torch.arange(s.shape[1])
-    value_perm = []
-    for j in range(edge.num_kv_heads):
-        heads = range(j * group, (j + 1) * group)
-        stacked = torch.cat([s[:, h * d:(h + 1) * d] for h in heads], dim=0)
-        pi = _search(stacked, patterns[cons], config, budget, permute_rows=False).col_perm
-        for h in heads:
-            col_perm[h * d:(h + 1) * d] = h * d + pi
-        value_perm.append(j * d + pi)
+    if group == 1:
+        # One value head per query head: a single search over the whole matrix with the columns
+        # kept inside their head. It scores the real V x M blocks, which straddle heads when M does
+        # not divide head_dim.
+        col_perm = _search(s, patterns[cons], config, config.permute_time_budget, permute_rows=False,
+                           col_segment=d).col_perm
+        value_perm = [col_perm[h * d:(h + 1) * d] for h in range(edge.num_heads)]
+    else:
+        # Query heads sharing a value head need one permutation: search it on their columns stacked.
+        budget = config.permute_time_budget / edge.num_kv_heads
+        col_perm = torch.arange(s.shape[1])
+        value_perm = []
+        for j in range(edge.num_kv_heads):
+            heads = range(j * group, (j + 1) * group)
+            stacked = torch.cat([s[:, h * d:(h + 1) * d] for h in heads], dim=0)
+            pi = _search(stacked, patterns[cons], config, budget, permute_rows=False).col_perm
+            for h in heads:
+                col_perm[h * d:(h + 1) * d] = h * d + pi
+            value_perm.append(j * d + pi)
     if kept_score(s[:, col_perm], patterns[cons]) <= kept_score(s, patterns[cons]):
         return
     start, end = edge.value_rows
@@ -302,16 +328,30 @@ def _plan_permutations(model, patterns, scores, config, mode) -> Dict[str, _Plan
 
     plans = {name: _Plan() for name in patterns}
     edges = [e for e in find_edges(model) if e.consumer in patterns]
-    for edge in tqdm(edges, desc="permutation search (free)", disable=not config.progress or not edges):
+    for edge in tqdm(edges, desc="permutation search (absorbed)", disable=not config.progress or not edges):
         (_plan_mlp if isinstance(edge, MlpEdge) else _plan_heads)(edge, scores, patterns, plans, config)
-    if mode == "all":
-        absorbed = {e.consumer for e in edges}
-        rest = [n for n in patterns if n not in absorbed]
-        for name in tqdm(rest, desc="permutation search (gathered)", disable=not config.progress or not rest):
-            s = _permuted(scores(name), plans[name])
-            res = _search(s, patterns[name], config, config.permute_time_budget, permute_rows=False)
-            if res.kept > res.kept_identity:
-                plans[name].col_perm, plans[name].col_gathered = res.col_perm, True
+    # Then each layer on its own: rows that no edge reordered are scattered back by the epilogue
+    # (V:N:M with M > 4 only: under 2:4 every row keeps its own best, the row order changes
+    # nothing); with mode 'all', the columns of layers fed by the residual stream are gathered.
+    absorbed_cols = {e.consumer for e in edges}
+    todo = []
+    for name, pattern in patterns.items():
+        plan = plans[name]
+        rows = plan.row_perm is None and as_pattern(pattern).M > 4
+        cols = mode == "all" and name not in absorbed_cols and plan.col_perm is None
+        if rows or cols:
+            todo.append((name, rows, cols))
+    for name, rows, cols in tqdm(todo, desc="permutation search (scattered rows, gathered columns)",
+                                 disable=not config.progress or not todo):
+        plan = plans[name]
+        res = _search(_permuted(scores(name), plan), patterns[name], config, config.permute_time_budget,
+                      permute_rows=rows, permute_cols=cols)
+        if not res.kept > res.kept_identity:
+            continue
+        if rows and not _is_identity(res.row_perm):
+            plan.row_perm, plan.row_scattered = res.row_perm, True
+        if cols and not _is_identity(res.col_perm):
+            plan.col_perm, plan.col_gathered = res.col_perm, True
     return plans
 
 
@@ -360,15 +400,18 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
         rep.kept_importance_identity = kept_score(s, rep.pattern) / max(rep.score_total, 1e-300)
         if plan.row_perm is not None:
             weight = weight[plan.row_perm.to(weight.device)]
-            bias = None if bias is None else bias[plan.row_perm.to(bias.device)]
+            if not plan.row_scattered:  # a scattered layer keeps its bias in output order
+                bias = None if bias is None else bias[plan.row_perm.to(bias.device)]
         if plan.col_perm is not None:
             weight = weight[:, plan.col_perm.to(weight.device)]
         sp = _permuted(s, plan)
         mask = select_mask(sp, rep.pattern)
         rep.kept_importance = float((sp.double() * mask).sum() / sp.double().sum().clamp_min(1e-300))
-        rep.row_perm, rep.col_perm, rep.col_gathered = plan.row_perm, plan.col_perm, plan.col_gathered
+        rep.row_perm, rep.col_perm = plan.row_perm, plan.col_perm
+        rep.row_scattered, rep.col_gathered = plan.row_scattered, plan.col_gathered
         w = VNMTensor.from_dense(weight, mask.to(weight.device), rep.pattern,
-                                 perm=plan.col_perm if plan.col_gathered else None)
+                                 perm=plan.col_perm if plan.col_gathered else None,
+                                 row_perm=plan.row_perm if plan.row_scattered else None)
         layer = VNMLinear.from_tensor(w, bias)
         rep.storage_ratio = layer.nbytes / (weight.numel() * weight.element_size())
         _set_module(model, rep.name, layer)
@@ -378,12 +421,12 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
 def original_order_weight(layer: VNMLinear, rep: LayerReport) -> torch.Tensor:
     """The masked dense weight of a sparsified layer in the model's original row and column order:
     the unpermuted model with this weight computes what the permuted sparse model computes."""
-    w = layer.dense_weight()  # in the layer's input order (a gathered permutation is undone)
+    w = layer.dense_weight()  # in the layer's own order (gathered columns, scattered rows undone)
     if rep.col_perm is not None and not rep.col_gathered:
         out = torch.empty_like(w)
         out[:, rep.col_perm] = w
         w = out
-    if rep.row_perm is not None:
+    if rep.row_perm is not None and not rep.row_scattered:
         out = torch.empty_like(w)
         out[rep.row_perm] = w
         w = out
