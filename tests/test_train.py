@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import math
 import random
 import types
 import warnings
@@ -537,6 +538,22 @@ def test_bad_input_raises_errors_that_name_the_fix(gen):
                        loss_fn=lambda out, b: out.sum())
     with pytest.raises(ValueError, match="nothing to train on"):
         vt.train_srste(prepared, [torch.zeros(2, 24)], vt.SRSTEConfig(steps=2, progress=False))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_learning_rate_schedule_is_what_the_config_says(gen, schedule):
+    # TrainConfig's docstring: warm-up step s uses lr (s + 1) / (warmup + 1); the decay reaches
+    # zero one step after the last, so the last step uses lr / (steps - warmup) (linear) or
+    # lr (1 + cos(pi (steps - 1 - warmup) / (steps - warmup))) / 2 (cosine).
+    model = tiny_mlp()
+    vt.prepare_srste(model, "2:4")
+    lr, steps, warm = 1e-3, 12, 3
+    config = vt.SRSTEConfig(steps=steps, lr=lr, warmup_steps=warm, lr_schedule=schedule, progress=False)
+    log = vt.train_srste(model, regression_batches(gen, n=2), config, mse_on_target, forward_x)
+    lrs = [r["lr"] for r in log]
+    assert lrs[:warm + 1] == pytest.approx([lr * (s + 1) / (warm + 1) for s in range(warm)] + [lr])
+    last = 1 / (steps - warm) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * (steps - 1 - warm) / (steps - warm)))
+    assert lrs[-1] == pytest.approx(lr * last) and lrs[-1] > 0
 
 
 def test_the_paper_budget_is_the_default_split():

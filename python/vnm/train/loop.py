@@ -42,8 +42,8 @@ class TrainConfig:
     step ``s`` uses ``lr * (s + 1) / (warmup_steps + 1)``), lr_schedule ('constant', or 'linear' or
     'cosine' decay over the ``steps - warmup_steps`` steps after the warm-up; the decay reaches zero
     one step after the last, as the Hugging Face schedules do, so the last step still uses
-    ``lr / (steps - warmup_steps)`` with 'linear' and a little less with 'cosine'), grad_clip (max
-    global gradient norm, None for none).
+    ``lr / (steps - warmup_steps)`` with 'linear' and about ``lr * (pi / 2)**2 / (steps -
+    warmup_steps)**2`` with 'cosine'), grad_clip (max global gradient norm, None for none).
     Distillation: ``distill='mse'`` (mean squared error on a hidden state, padding tokens
     excluded when the batch has an ``attention_mask``) or ``'kl'`` (KL divergence of softened
     logits, scaled by ``temperature**2`` as in Hinton et al.) against ``teacher`` (the dense

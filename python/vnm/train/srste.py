@@ -3,8 +3,9 @@ fine-grained structured sparse neural networks from scratch"; code ``aojunzz/NM-
 ``devkit/sparse_ops/sparse_ops.py``), here for N:M and V:N:M masks.
 
 Every training forward selects the mask from the current dense weight
-(``vnm.select_mask(|W|, pattern)``) and uses ``W * mask``. The backward passes the gradient of the masked weight straight through to
-the dense weight and adds the sparse-refined term on the pruned weights::
+(``vnm.select_mask(|W|, pattern)``) and uses ``W * mask``. The backward passes the gradient of the
+masked weight straight through to the dense weight and adds the sparse-refined term on the pruned
+weights::
 
     grad_W = dL/d(W * mask) + lambda_w * (1 - mask) * W
 
@@ -67,8 +68,9 @@ class SRSTELinear(nn.Module):
     afresh, as the reference code does. A cache keyed on the weight's version counter would go
     stale: fused optimisers (``AdamW(fused=True)``) and writes through ``weight.data`` change the
     weight without bumping it. Only evaluation forwards (eval mode under ``torch.no_grad``) reuse
-    the last mask while the weight's version and storage are unchanged; ``train()`` / ``eval()``
-    drop that cache. ``weight`` and ``bias`` are trainable copies of the wrapped layer's.
+    the last mask while the weight's version and storage are unchanged, so there a write through
+    ``weight.data`` is seen only after ``train()`` / ``eval()`` (which drop the cache) or
+    :meth:`current_mask`. ``weight`` and ``bias`` are trainable copies of the wrapped layer's.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], pattern: PatternLike,
