@@ -126,6 +126,7 @@ def summarise(rows, patterns):
         for method in dict.fromkeys(r["method"] for r in rows if r["pattern"] == pattern):
             accs = {r["seed"]: r["accuracy"] for r in rows if r["pattern"] == pattern and r["method"] == method}
             gaps = [accs[s] - dense[s] for s in seeds if s in accs]
+            # std: the population standard deviation over the seeds (docs/recovery.md says so).
             table.append(dict(pattern=pattern, method=method, mean=statistics.mean(accs.values()),
                               std=statistics.pstdev(accs.values()), gap=statistics.mean(gaps),
                               worst_gap=min(gaps), per_seed=[accs[s] for s in seeds if s in accs]))
@@ -192,6 +193,7 @@ def read_rows(path):
 
 
 def print_table(table):
+    print("accuracy %: mean ± population standard deviation over the seeds")
     print(f"{'pattern':>8} {'method':<24} {'accuracy %':>14} {'vs dense':>9} {'worst seed':>10}  per seed")
     for t in table:
         print(f"{t['pattern']:>8} {t['method']:<24} {t['mean']:8.2f} ± {t['std']:.2f} {t['gap']:+9.2f} "

@@ -99,6 +99,8 @@ def main(argv=None):
     if args.lora_steps:
         model = copy.deepcopy(dense)
         vt.prepare_lora(model, args.pattern, rank=args.rank, alpha=args.alpha)
+        # Distillation only, dropout off: the dense stage (5% of the steps) has zero loss and
+        # trains nothing (vnm warns). Kept, so the defaults reproduce docs/recovery.md.
         cfg = vt.ThreeStageConfig(total_steps=args.lora_steps, lr=args.lora_lr, mask_score=wanda,
                                   mask_lambda=args.mask_lambda, teacher=dense, distill="mse",
                                   distill_on="last_hidden_state", cache_teacher=True, train_mode=False,

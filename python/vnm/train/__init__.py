@@ -14,7 +14,7 @@ Three-stage LoRA::
 SR-STE::
 
     vnm.train.prepare_srste(model, "2:4")
-    vnm.train.train_srste(model, batches, vnm.train.SRSTEConfig(steps=1000, lr=1e-2))
+    vnm.train.train_srste(model, batches, vnm.train.SRSTEConfig(steps=1000))  # AdamW, lr 1e-4
     vnm.train.merge(model)          # W * mask(|W|) -> VNMLinear
 """
 

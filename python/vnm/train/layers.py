@@ -90,8 +90,10 @@ def merge(model: nn.Module) -> nn.Module:
     :class:`~vnm.train.LoRASparseLinear` becomes ``VNMLinear`` holding ``(W + scale B A) * mask``
     (no LoRA left at inference); :class:`~vnm.train.SRSTELinear` becomes ``VNMLinear`` holding
     ``W * mask(|W|)``. A LoRA layer that never left the dense stage gets its mask selected now
-    from ``|W + scale B A|``. Plain N:M patterns (no compressed storage) become masked
-    ``nn.Linear``. Raises ``ValueError`` when the model has no wrapper.
+    from ``W + scale B A`` with the score its training used (``ThreeStageConfig.mask_score``,
+    which :class:`~vnm.train.ThreeStageLoRA` stores on the layer; magnitude when there was none).
+    Plain N:M patterns (no compressed storage) become masked ``nn.Linear``. Raises
+    ``ValueError`` when the model has no wrapper.
     """
     wrappers = [(n, m) for n, m in model.named_modules() if hasattr(m, "merged_parts")]
     if not wrappers:

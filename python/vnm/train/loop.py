@@ -4,7 +4,8 @@ task and distillation losses, a tqdm progress bar, a loss log (CSV) and resumabl
 It is a plain PyTorch loop: batches go to the model's device, ``forward_fn(model, batch)`` gives
 the outputs, the loss is ``task_weight * task + distill_weight * distill + method regulariser``,
 and one optimiser step follows each batch. The method (a *schedule*) gets a hook before every
-step (stage changes, mask updates) and may add a regulariser to the loss.
+step (stage changes, mask updates) and after it (what to log), and may add a regulariser to the
+loss.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -35,9 +38,12 @@ DISTILL_KINDS = ("mse", "kl")
 class TrainConfig:
     """Optimisation, distillation, logging and checkpoints (shared by both recovery methods).
 
-    lr, optimizer ('adamw' or 'sgd'), momentum (SGD), weight_decay, warmup_steps (linear warm-up),
-    lr_schedule ('constant', 'linear' or 'cosine' decay to zero at the last step), grad_clip (max
-    global gradient norm, None for none).
+    lr, optimizer ('adamw' or 'sgd'), momentum (SGD), weight_decay, warmup_steps (linear warm-up:
+    step ``s`` uses ``lr * (s + 1) / (warmup_steps + 1)``), lr_schedule ('constant', or 'linear' or
+    'cosine' decay over the ``steps - warmup_steps`` steps after the warm-up; the decay reaches zero
+    one step after the last, as the Hugging Face schedules do, so the last step still uses
+    ``lr / (steps - warmup_steps)`` with 'linear' and about ``lr * (pi / 2)**2 / (steps -
+    warmup_steps)**2`` with 'cosine'), grad_clip (max global gradient norm, None for none).
     Distillation: ``distill='mse'`` (mean squared error on a hidden state, padding tokens
     excluded when the batch has an ``attention_mask``) or ``'kl'`` (KL divergence of softened
     logits, scaled by ``temperature**2`` as in Hinton et al.) against ``teacher`` (the dense
@@ -46,8 +52,10 @@ class TrainConfig:
     The loss is ``task_weight * task + distill_weight * distill`` (+ the method's regulariser),
     where task is ``loss_fn(outputs, batch)`` or else the model's own ``outputs.loss``.
     log_path: CSV of (step, stage, loss, ...) written at the end and at every checkpoint.
-    checkpoint_dir / checkpoint_every: torch state dicts (model, optimiser, scheduler, log) every
-    n steps and at the end, as ``step_XXXXXX.pt`` and ``last.pt``; ``resume`` continues from one.
+    checkpoint_dir / checkpoint_every: torch state dicts (model, optimiser, scheduler, log and the
+    random number generators: torch CPU and CUDA, Python ``random``, numpy) every n steps and at
+    the end, as ``step_XXXXXX.pt`` and ``last.pt``; ``resume`` continues from one, so a run with
+    dropout resumed from a list of batches repeats the uninterrupted run.
     train_mode: run the model in train mode (dropout on) while training; False keeps eval mode.
     cache_teacher: compute the teacher's outputs once per batch and reuse them in later epochs
         (needs ``batches`` to be a list; saves a teacher forward per step).
@@ -186,6 +194,11 @@ class Schedule:
         """Called before the forward of ``step``; returns entries for the log (at least 'stage')."""
         return {"stage": "train"}
 
+    def end_step(self, step: int, row: Dict[str, Any]) -> Dict[str, Any]:
+        """Called after the optimiser step of ``step`` with its log row (loss, parts, lr); returns
+        more entries for the row."""
+        return {}
+
     def regularizer(self, step: int) -> Optional[torch.Tensor]:
         return None
 
@@ -204,6 +217,38 @@ def _lr_lambda(config: TrainConfig, steps: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def rng_state() -> Dict[str, Any]:
+    """The random number generators a training step may draw from (dropout, shuffles)."""
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np  # noqa: PLC0415
+    except ImportError:
+        pass
+    else:
+        state["numpy"] = np.random.get_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], source: Any) -> None:
+    """Restore what :func:`rng_state` saved; warns about the generators it cannot restore."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np  # noqa: PLC0415
+
+        np.random.set_state(state["numpy"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(f"{source} holds the CUDA RNG states of {len(cuda)} devices but this machine has "
+                          f"{torch.cuda.device_count()}: CUDA random ops (dropout) after resuming differ from "
+                          "the uninterrupted run", stacklevel=3)
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -265,6 +310,11 @@ def train_loop(model: nn.Module, batches: Iterable, steps: int, config: TrainCon
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         log.extend(state.get("log", []))
+        if "rng" in state:
+            set_rng_state(state["rng"], config.resume)
+        else:
+            warnings.warn(f"{config.resume} has no random number generator state (written before vnm saved it): "
+                          "random ops such as dropout after resuming differ from the uninterrupted run", stacklevel=2)
         start = int(state["step"])
         if start > steps:
             raise ValueError(f"the checkpoint {config.resume} is at step {start}, beyond steps={steps}")
@@ -320,6 +370,7 @@ def train_loop(model: nn.Module, batches: Iterable, steps: int, config: TrainCon
             optimizer.step()
             scheduler.step()
             row = {"step": step, **info, "loss": float(loss.detach()), **parts, "lr": lr}
+            row.update(schedule.end_step(step, row))
             log.append(row)
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"loss became {row['loss']} at step {step}: lower lr or enable grad_clip")
@@ -343,7 +394,7 @@ def _save_checkpoint(config: TrainConfig, model, optimizer, scheduler, log: Trai
     folder = Path(config.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "log": list(log)}
+             "scheduler": scheduler.state_dict(), "log": list(log), "rng": rng_state()}
     path = folder / f"step_{step:06d}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

@@ -5,12 +5,23 @@ The trained weight of every wrapped layer is ``(W + scale * B A) * mask`` with W
 and B (R x r) trainable, ``scale = alpha / r`` and B initialised to zero (so training starts from
 the pruned or dense model exactly, as in LoRA):
 
-1. **dense** stage: dense LoRA, no mask;
+1. **dense** stage: dense LoRA, no mask. It has something to train only when the loss sees a
+   difference from the model it started from: with distillation from that (dense) model as the
+   only loss and no dropout active, the student *is* the teacher while B = 0, so the loss and
+   every gradient are exactly zero and the stage changes nothing (a warning says so at run time;
+   use ``dense_steps=0`` or add a task loss);
 2. **dynamic** stage: sparse LoRA; every ``mask_interval`` steps the mask is re-selected with
    :func:`vnm.select_mask` from ``|W + scale B A|`` (or a score you pass), and a regulariser
    ``mask_lambda * sum ||(1 - M) * (W + scale B A)||^2`` over the weights the current mask prunes
    pushes them to zero, so the next selection does not flip them back in;
 3. **fixed** stage: sparse LoRA with the mask fixed until the end.
+
+The regulariser is a *sum* over every pruned weight of every wrapped layer, while the
+distillation losses are *means* (over positions, and features for 'mse'): its value grows with
+the model (in the MiniLM run of ``docs/recovery.md`` it fell from 2.2 to 1.9 while the
+distillation loss was 0.06 to 0.22), so the ``reg`` and ``distill`` columns of the log are not
+comparable in size. What the sum keeps fixed is the gradient per merged weight:
+``2 * mask_lambda * w`` on each pruned weight ``w``, whatever the layer sizes.
 
 :func:`vnm.train.merge` then folds ``(W + scale B A) * mask`` into :class:`vnm.nn.VNMLinear`.
 
@@ -24,11 +35,17 @@ reviews):
   previous mask and a coefficient lambda; the squared norm over the pruned weights is our reading,
   by analogy with SR-STE's decay on pruned weights;
 * ours: the 5% / 5% / 90% split of the total steps, ``mask_interval`` (5 selections in stage 2),
-  ``mask_lambda = 1e-4`` (its gradient ``2 * lambda * w = 2e-4 * w`` equals SR-STE's decay
-  ``lambda_w = 2e-4``);
+  ``mask_lambda = 1e-4``. Its gradient on a pruned merged weight, ``2 * 1e-4 * w``, is SR-STE's
+  decay term ``lambda_w * w`` with the reference ``lambda_w = 2e-4``; that is the whole of the
+  correspondence. It is per weight, and the resulting step is SR-STE's only for plain SGD on the
+  dense weight itself. Here the trained parameters are A and B, so the merged weight moves only
+  through the factors, and AdamW (the default) divides each factor's gradient by its running
+  magnitude, so the pull on pruned weights relative to the distillation gradient is not SR-STE's;
 * sourced from Wanda's LoRA fine-tuning of pruned LLaMA (``locuslab/wanda``, ``lora_ft``), since
   the V:N:M paper's values were not found: rank 8, alpha 16, AdamW at lr 1e-4, 5 warm-up steps,
-  linear decay (the Hugging Face Trainer default it runs with).
+  linear decay (the Hugging Face Trainer default it runs with). Not taken from it: its LoRA
+  dropout of 0.05 (``LoRASparseLinear`` has no dropout on the LoRA branch) and its choice of
+  q_proj and v_proj only (here every layer :func:`vnm.sparsify` would prune gets factors).
 """
 
 from __future__ import annotations
@@ -59,7 +76,11 @@ class LoRASparseLinear(nn.Module):
     ``weight`` (out x in) and ``bias`` are frozen copies (``train_bias=True`` trains the bias);
     ``lora_A`` (rank x in) starts Kaiming-uniform as in LoRA, ``lora_B`` (out x rank) at zero.
     ``mask`` (bool, out x in) is a buffer: all ones until :meth:`update_mask` selects one; whether
-    it is applied (``is_sparse``) is saved in the state dict.
+    it is applied (``is_sparse``) is saved in the state dict. ``mask_score`` and ``score_name``
+    are the score (None: magnitude) and layer name mask selections use by default;
+    :class:`ThreeStageLoRA` sets them from ``ThreeStageConfig.mask_score``, so that
+    :func:`vnm.train.merge` of a layer that never left the dense stage selects its mask the way
+    training would have. They are not saved in the state dict (a score is a function).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], pattern: PatternLike,
@@ -85,6 +106,8 @@ class LoRASparseLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(R, rank, dtype=factor_dtype, device=weight.device))
         self.register_buffer("mask", torch.ones(R, K, dtype=torch.bool, device=weight.device))
         self.is_sparse = False
+        self.mask_score: Optional[MaskScore] = None
+        self.score_name = ""
 
     @classmethod
     def from_linear(cls, module: nn.Module, pattern: PatternLike, rank: int = 8, alpha: float = 16.0,
@@ -110,11 +133,17 @@ class LoRASparseLinear(nn.Module):
             return F.linear(x, self.weight, self.bias) + (self.scaling * lora).to(x.dtype)
         return F.linear(x, self.effective_weight().to(x.dtype), self.bias)
 
+    def set_mask_score(self, score: Optional[MaskScore], name: str = "") -> None:
+        """The score (None: magnitude) and layer name that mask selections use by default."""
+        self.mask_score, self.score_name = score, name
+
     @torch.no_grad()
-    def update_mask(self, score: Optional[MaskScore] = None, name: str = "") -> Optional[int]:
+    def update_mask(self, score: Optional[MaskScore] = None, name: Optional[str] = None) -> Optional[int]:
         """Select the mask from the merged weight (``|W + scale B A|`` or ``score(merged, name)``)
-        and make the layer sparse. Returns how many mask entries changed (None at the first
-        selection)."""
+        and make the layer sparse. ``score`` and ``name`` default to :attr:`mask_score` and
+        :attr:`score_name`. Returns how many mask entries changed (None at the first selection)."""
+        score = self.mask_score if score is None else score
+        name = self.score_name if name is None else name
         new = select_mask(select_scores(score, self.merged_weight(), name), self.pattern)
         flips = int((new != self.mask).sum()) if self.is_sparse else None
         self.mask.copy_(new)
@@ -130,7 +159,8 @@ class LoRASparseLinear(nn.Module):
         return torch.where(self.mask, torch.zeros((), dtype=w.dtype, device=w.device), w).pow(2).sum()
 
     def merged_parts(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        """(weight, bias, mask) for :func:`vnm.train.merge`; selects a mask if none was yet."""
+        """(weight, bias, mask) for :func:`vnm.train.merge`; selects a mask if none was yet (with
+        :attr:`mask_score`)."""
         if not self.is_sparse:
             self.update_mask()
         with torch.no_grad():
@@ -176,7 +206,8 @@ class ThreeStageConfig(TrainConfig):
     Give ``total_steps`` (stage lengths default to 5% dense, 5% dynamic, the rest fixed) or all
     three of ``dense_steps``, ``dynamic_steps``, ``fixed_steps`` (or both, if they add up).
     mask_interval: steps between mask selections in the dynamic stage (default: 5 selections).
-    mask_lambda: weight of the flip regulariser in the dynamic stage (0 turns it off).
+    mask_lambda: weight of the flip regulariser in the dynamic stage (0 turns it off); the
+        regulariser sums over all pruned weights (see the module docstring for what that means).
     mask_score: ``(merged weight, layer name) -> scores`` for mask selection; None is magnitude.
     Defaults: see the module docstring for which are the paper's, Wanda's and ours.
     """
@@ -249,6 +280,11 @@ class ThreeStageLoRA(Schedule):
         self.dense_steps, self.dynamic_steps, self.fixed_steps = config.stage_lengths()
         self.total = self.dense_steps + self.dynamic_steps + self.fixed_steps
         self.mask_interval = config.interval()
+        for name, layer in self.layers:
+            layer.set_mask_score(config.mask_score, name)
+        # Dense-stage steps this run has seen, and whether any of them had a non-zero loss.
+        self.dense_steps_seen = 0
+        self.dense_loss_nonzero = False
 
     def stage(self, step: int) -> str:
         if step < self.dense_steps:
@@ -280,6 +316,19 @@ class ThreeStageLoRA(Schedule):
         if self.stage(step) != "dynamic" or self.config.mask_lambda == 0:
             return None
         return self.config.mask_lambda * sum(m.flip_penalty() for _, m in self.layers)
+
+    def end_step(self, step: int, row: Dict[str, Any]) -> Dict[str, Any]:
+        if self.stage(step) == "dense":
+            self.dense_steps_seen += 1
+            self.dense_loss_nonzero |= row["loss"] != 0.0
+            if step == self.dense_steps - 1 and not self.dense_loss_nonzero:
+                warnings.warn(
+                    f"the loss was exactly 0 in all {self.dense_steps_seen} dense-stage steps, so the dense stage "
+                    "trained nothing: the dense LoRA model equals the model it started from while lora_B is 0 "
+                    "(LoRA's initialisation), so distilling from that model gives zero loss and zero gradients. "
+                    "Set dense_steps=0 to skip the stage, or give a task loss (loss_fn or labels) for it to train "
+                    "on", stacklevel=4)
+        return {}
 
 
 def train_three_stage(model: nn.Module, batches, config: ThreeStageConfig, loss_fn: Optional[LossFn] = None,

@@ -2,9 +2,10 @@
 fine-grained structured sparse neural networks from scratch"; code ``aojunzz/NM-sparsity``,
 ``devkit/sparse_ops/sparse_ops.py``), here for N:M and V:N:M masks.
 
-Every forward selects the mask from the current dense weight (``vnm.select_mask(|W|, pattern)``)
-and uses ``W * mask``. The backward passes the gradient of the masked weight straight through to
-the dense weight and adds the sparse-refined term on the pruned weights::
+Every training forward selects the mask from the current dense weight
+(``vnm.select_mask(|W|, pattern)``) and uses ``W * mask``. The backward passes the gradient of the
+masked weight straight through to the dense weight and adds the sparse-refined term on the pruned
+weights::
 
     grad_W = dL/d(W * mask) + lambda_w * (1 - mask) * W
 
@@ -60,10 +61,16 @@ def srste_weight(weight: torch.Tensor, mask: torch.Tensor, decay: float = SRSTE_
 
 
 class SRSTELinear(nn.Module):
-    """``y = x @ (W * mask).T + bias`` with the mask re-selected from ``|W|`` whenever W changed
-    (so once per optimiser step), trained with :class:`SRSTEFunction`'s gradient.
+    """``y = x @ (W * mask).T + bias`` with the mask selected from ``|W|``, trained with
+    :class:`SRSTEFunction`'s gradient.
 
-    ``weight`` and ``bias`` are trainable copies of the wrapped layer's.
+    Every forward that may be trained on (training mode, or autograd enabled) selects the mask
+    afresh, as the reference code does. A cache keyed on the weight's version counter would go
+    stale: fused optimisers (``AdamW(fused=True)``) and writes through ``weight.data`` change the
+    weight without bumping it. Only evaluation forwards (eval mode under ``torch.no_grad``) reuse
+    the last mask while the weight's version and storage are unchanged, so there a write through
+    ``weight.data`` is seen only after ``train()`` / ``eval()`` (which drop the cache) or
+    :meth:`current_mask`. ``weight`` and ``bias`` are trainable copies of the wrapped layer's.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], pattern: PatternLike,
@@ -87,17 +94,26 @@ class SRSTELinear(nn.Module):
         w, b = linear_parts(module)
         return cls(w, b, pattern, decay)
 
+    def _weight_key(self) -> Tuple[int, int, torch.device]:
+        return (self.weight._version, self.weight.data_ptr(), self.weight.device)
+
     def current_mask(self) -> torch.Tensor:
-        """The mask of the current weight: re-selected when the weight changed since the last call
-        (the optimiser's in-place update bumps the tensor's version counter)."""
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
-        if key != self._mask_key or self.mask.shape != self.weight.shape:
-            self.mask = select_mask(self.weight.detach().float().abs(), self.pattern)
-            self._mask_key = key
+        """The mask of the current weight, selected now (and kept as ``self.mask``)."""
+        self.mask = select_mask(self.weight.detach().float().abs(), self.pattern)
+        self._mask_key = self._weight_key()
         return self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, srste_weight(self.weight, self.current_mask(), self.decay), self.bias)
+        evaluating = not self.training and not torch.is_grad_enabled()
+        if evaluating and self._mask_key == self._weight_key() and self.mask.shape == self.weight.shape:
+            mask = self.mask
+        else:
+            mask = self.current_mask()
+        return F.linear(x, srste_weight(self.weight, mask, self.decay), self.bias)
+
+    def train(self, mode: bool = True) -> "SRSTELinear":
+        self._mask_key = None  # the evaluation cache never outlives a mode switch
+        return super().train(mode)
 
     def merged_parts(self):
         """(weight, bias, mask) for :func:`vnm.train.merge`: the dense weight and its mask."""
@@ -149,16 +165,20 @@ class SRSTESchedule(Schedule):
         self.layers = [m for m in model.modules() if isinstance(m, SRSTELinear)]
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no SRSTELinear layer: call vnm.train.prepare_srste first")
+        # The masks the previous step's forward used; None where unknown (first step of a run,
+        # also of a resumed one: masks are derived from the weights, not saved).
         self.previous: List[Optional[torch.Tensor]] = [None] * len(self.layers)
 
     def begin_step(self, step: int) -> Dict[str, Any]:
-        flips = 0
-        for i, m in enumerate(self.layers):
-            mask = m.current_mask()  # the forward reuses it: the weight has not changed since
-            if self.previous[i] is not None:
-                flips += int((mask != self.previous[i]).sum())
-            self.previous[i] = mask
-        return {"stage": "srste", "mask_flips": flips if step > 0 else ""}
+        return {"stage": "srste"}
+
+    def end_step(self, step: int, row: Dict[str, Any]) -> Dict[str, Any]:
+        # m.mask is the mask this step's forward selected; the optimiser step since has not
+        # touched it. Comparing it costs no extra selection.
+        known = all(p is not None for p in self.previous)
+        flips = sum(int((m.mask != p).sum()) for m, p in zip(self.layers, self.previous)) if known else ""
+        self.previous = [m.mask for m in self.layers]
+        return {"mask_flips": flips}
 
 
 def train_srste(model: nn.Module, batches, config: SRSTEConfig, loss_fn: Optional[LossFn] = None,
