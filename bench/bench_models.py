@@ -59,6 +59,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not (torch.cuda.is_available() and vnm.CUDA_BUILT):
+        # Before building the models: LLaMA-sized layers take a while on the CPU.
+        print(f"--device cuda needs a CUDA GPU and vnm built with CUDA (torch.cuda.is_available()="
+              f"{torch.cuda.is_available()}, vnm.CUDA_BUILT={vnm.CUDA_BUILT})", file=sys.stderr)
+        return 2
     if device.type == "cpu" and dtype != torch.float32 and not args.small:
         print("note: fp16 on the CPU runs the C++ reference; use a GPU for meaningful figures")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -90,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,14 +1,26 @@
 // vnm_bench_spmm: the V:N:M SpMM kernels against cuBLAS dense (cublasGemmEx, fp32 accumulate)
 // on the shapes and patterns of DESIGN.md section 5.
 //
-//   vnm_bench_spmm [--dtype f16|bf16] [--shapes default|all|RxK,RxK...] [--tokens 1,16,...]
-//                  [--patterns 2:4,64:2:8,...] [--warmup 10] [--reps 50]
+//   vnm_bench_spmm [--dtype f16|bf16] [--shapes default|llama7b|all|RxK,RxK...] [--tokens 1,16,...]
+//                  [--patterns 2:4,64:2:8,...] [--warmup 10] [--reps 15] [--batch-ms 2]
+//                  [--max-copies 2048] [--rotate-cap-gb 16] [--no-graph]
 //
 // Weights are random valid V:N:M storage (columns, values and metadata drawn directly, no mask
-// search), packed on the GPU. Each (shape, pattern, N) first checks our y against cuBLAS on the
-// same (densified) weight, then times both: CUDA events around every launch, the median of
-// `reps` after `warmup`, cycling through enough copies of weights and activations to exceed
-// twice the L2 cache, so that a small layer is not timed out of L2. Prints one table.
+// search), packed on the GPU; cuBLAS multiplies the same weight densified. Each (shape, pattern,
+// N) first checks our y (into a NaN-poisoned buffer) against cuBLAS, then times both.
+//
+// L2: each weight operand gets its own number of copies, sized from its own bytes (the packed
+// arrays for ours, the dense matrix for cuBLAS): the fewest whose rotation set exceeds twice the
+// L2 size the device reports, within --max-copies and --rotate-cap-gb per operand (the per-shape
+// line says what each got; a set that stays under 2x L2 is flagged). x / y have 2 to 8 copies.
+//
+// Timing: a CUDA graph of `calls` launches cycling through all copies is captured; each of --reps
+// timed batches is as many back-to-back replays as last about --batch-ms, between a pair of CUDA
+// events; the figure is the median per launch. With a graph no host-side work (argument checks,
+// cuBLAS heuristics) falls inside the events. Where capture fails (or with --no-graph) a batch is
+// the `calls` launches enqueued directly between the events: host work then overlaps the GPU's,
+// but can still bound launches shorter than it. The `how` column says which (g: graph, s:
+// stream; ours/cuBLAS).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -17,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -77,6 +90,7 @@ std::vector<Shape> shapes_for(const std::string& which) {
                                    {384, 384, "deit_s.attn"},
                                    {1536, 384, "deit_s.up"},
                                    {384, 1536, "deit_s.down"}};
+  if (which == "llama7b") return llama7b;
   if (which == "default") {
     std::vector<Shape> s = llama7b;
     s.push_back({3072, 768, "bert.up"});
@@ -169,26 +183,105 @@ T* device_copy(const std::vector<T>& v) {
   return d;
 }
 
-template <class F>
-float median_ms(F&& launch, int sets, int warmup, int reps, cudaStream_t s) {
+// Copies of one operand: the fewest whose total exceeds 2x L2 (so cycling through them reads
+// device memory, not L2), at least `minimum`, at most `max_copies` and `cap_bytes` in all.
+int rotation_copies(double one_copy_bytes, double l2_bytes, int max_copies, double cap_bytes,
+                    int minimum = 1) {
+  const double want = std::max<double>(minimum, std::floor(2 * l2_bytes / one_copy_bytes) + 1);
+  const double fit = std::max(1.0, std::floor(cap_bytes / one_copy_bytes));
+  return int(std::max(1.0, std::min({want, double(max_copies), fit})));
+}
+
+// One call of a timed operation on copy i (each operand picks i % its copy count). Returns false,
+// after saying why on stderr, when the call fails.
+using Launch = std::function<bool(int)>;
+
+struct Timing {
+  float ms = 0;     // median per launch
+  char how = '?';   // 'g' graph replays, 's' launches enqueued directly between the events
+  int calls = 0;    // launches per timed batch
+};
+
+float elapsed_ms(cudaEvent_t a, cudaEvent_t b) {
+  CUDA_OK(cudaEventSynchronize(b));
+  float ms = 0;
+  CUDA_OK(cudaEventElapsedTime(&ms, a, b));
+  return ms;
+}
+
+float median(std::vector<float> v) {
+  std::nth_element(v.begin(), v.begin() + long(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
+// Warm-up touches every copy (first touch, cuBLAS heuristics); one direct batch over the copies
+// estimates a launch, which sets `calls` (a multiple of `copies`, about batch_ms of work). Then
+// `reps` timed batches: back-to-back replays of a graph of `calls` launches (about batch_ms), or
+// without a graph, `calls` launches enqueued directly.
+Timing time_per_launch(const Launch& launch, int copies, int warmup, int reps, double batch_ms,
+                       bool use_graph, cudaStream_t s) {
+  auto enqueue = [&](int n) {
+    for (int i = 0; i < n; ++i)
+      if (!launch(i)) std::exit(2);
+  };
   cudaEvent_t a, b;
   CUDA_OK(cudaEventCreate(&a));
   CUDA_OK(cudaEventCreate(&b));
-  for (int i = 0; i < warmup; ++i) launch(i % sets);
+  enqueue(std::max(warmup, copies));
+  CUDA_OK(cudaStreamSynchronize(s));
+  CUDA_OK(cudaEventRecord(a, s));
+  enqueue(copies);
+  CUDA_OK(cudaEventRecord(b, s));
+  const double est = std::max(1e-4, double(elapsed_ms(a, b)) / copies);
+  Timing t;
+  t.calls = copies * std::max(1, int(std::ceil(batch_ms / est / copies)));
+  t.calls = std::min(t.calls, std::max(copies, 4096));
   std::vector<float> times;
-  for (int i = 0; i < reps; ++i) {
-    CUDA_OK(cudaEventRecord(a, s));
-    launch(i % sets);
-    CUDA_OK(cudaEventRecord(b, s));
-    CUDA_OK(cudaEventSynchronize(b));
-    float ms = 0;
-    CUDA_OK(cudaEventElapsedTime(&ms, a, b));
-    times.push_back(ms);
+  if (use_graph) {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    if (cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+      bool launched = true;
+      for (int i = 0; launched && i < t.calls; ++i) launched = launch(i);
+      const cudaError_t ended = cudaStreamEndCapture(s, &graph);  // ends capture in every case
+      if (launched && ended == cudaSuccess && graph != nullptr &&
+          cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
+        CUDA_OK(cudaGraphLaunch(exec, s));  // the first replay uploads the graph
+        CUDA_OK(cudaEventRecord(a, s));
+        CUDA_OK(cudaGraphLaunch(exec, s));
+        CUDA_OK(cudaEventRecord(b, s));
+        // Back-to-back replays per timed batch, about batch_ms in all: the gap between the
+        // event and the first kernel is then a small part of what is timed.
+        const int replays = std::max(1, int(std::ceil(batch_ms / std::max(1e-3, double(elapsed_ms(a, b))))));
+        for (int r = 0; r < reps; ++r) {
+          CUDA_OK(cudaEventRecord(a, s));
+          for (int k = 0; k < replays; ++k) CUDA_OK(cudaGraphLaunch(exec, s));
+          CUDA_OK(cudaEventRecord(b, s));
+          times.push_back(elapsed_ms(a, b) / float(replays * t.calls));
+        }
+        t.how = 'g';
+      }
+    }
+    if (exec != nullptr) CUDA_OK(cudaGraphExecDestroy(exec));
+    if (graph != nullptr) CUDA_OK(cudaGraphDestroy(graph));
+    if (t.how != 'g') {
+      const cudaError_t e = cudaGetLastError();  // clears the capture's error for later calls
+      std::printf("# graph capture failed (%s): timing direct batches\n", cudaGetErrorString(e));
+    }
+  }
+  if (t.how != 'g') {
+    for (int r = 0; r < reps; ++r) {
+      CUDA_OK(cudaEventRecord(a, s));
+      enqueue(t.calls);
+      CUDA_OK(cudaEventRecord(b, s));
+      times.push_back(elapsed_ms(a, b) / float(t.calls));
+    }
+    t.how = 's';
   }
   CUDA_OK(cudaEventDestroy(a));
   CUDA_OK(cudaEventDestroy(b));
-  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  return times[times.size() / 2];
+  t.ms = median(times);
+  return t;
 }
 
 }  // namespace
@@ -196,7 +289,9 @@ float median_ms(F&& launch, int sets, int warmup, int reps, cudaStream_t s) {
 int main(int argc, char** argv) {
   std::string dtype_s = "f16", shapes_s = "default", tokens_s = "1,16,128,2048,8192";
   std::string patterns_s = "2:4,64:2:5,64:2:8,128:2:8,64:2:16,128:2:16";
-  int warmup = 10, reps = 50;
+  int warmup = 10, reps = 15, max_copies = 2048;
+  double batch_ms = 2.0, cap_gb = 16.0;
+  bool use_graph = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -212,39 +307,58 @@ int main(int argc, char** argv) {
     else if (a == "--patterns") patterns_s = next();
     else if (a == "--warmup") warmup = std::atoi(next().c_str());
     else if (a == "--reps") reps = std::atoi(next().c_str());
+    else if (a == "--batch-ms") batch_ms = std::atof(next().c_str());
+    else if (a == "--max-copies") max_copies = std::atoi(next().c_str());
+    else if (a == "--rotate-cap-gb") cap_gb = std::atof(next().c_str());
+    else if (a == "--no-graph") use_graph = false;
     else {
       std::fprintf(stderr,
-                   "usage: %s [--dtype f16|bf16] [--shapes default|all|RxK,...] [--tokens 1,16,...] "
-                   "[--patterns 2:4,64:2:8,...] [--warmup N] [--reps N]\n",
+                   "usage: %s [--dtype f16|bf16] [--shapes default|llama7b|all|RxK,...] "
+                   "[--tokens 1,16,...] [--patterns 2:4,64:2:8,...] [--warmup N] [--reps N] "
+                   "[--batch-ms MS] [--max-copies N] [--rotate-cap-gb GB] [--no-graph]\n",
                    argv[0]);
       return a == "--help" ? 0 : 2;
     }
   }
+  if (dtype_s != "f16" && dtype_s != "bf16") {
+    std::fprintf(stderr, "--dtype %s: want f16 or bf16\n", dtype_s.c_str());
+    return 2;
+  }
+  if (reps < 1 || max_copies < 1 || !(batch_ms > 0) || !(cap_gb > 0)) {
+    std::fprintf(stderr, "--reps, --max-copies, --batch-ms and --rotate-cap-gb must be positive\n");
+    return 2;
+  }
   const vnm::DType t = dtype_s == "bf16" ? vnm::DType::bf16 : vnm::DType::f16;
   const cudaDataType_t cu_t = t == vnm::DType::bf16 ? CUDA_R_16BF : CUDA_R_16F;
+  const double cap = cap_gb * 1e9;
 
   int device = 0;
   CUDA_OK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
   CUDA_OK(cudaGetDeviceProperties(&prop, device));
   const double l2 = double(prop.l2CacheSize);
-  std::printf("# GPU: %s (sm_%d%d, %d SMs, L2 %.0f MB); dtype %s; warmup %d, median of %d; "
-              "buffers rotated past 2x L2\n",
+  std::printf("# GPU: %s (sm_%d%d, %d SMs, L2 %.0f MB); dtype %s; per launch: median of %d batches "
+              "of about %.1f ms (%s); weight copies per operand past 2x L2 (at most %d, %.0f GB)\n",
               prop.name, prop.major, prop.minor, prop.multiProcessorCount, l2 / 1e6,
-              vnm::dtype_name(t), warmup, reps);
+              vnm::dtype_name(t), reps, batch_ms, use_graph ? "CUDA graph replays" : "direct launches",
+              max_copies, cap_gb);
   std::printf("# TFLOP/s: dense-equivalent = 2 N R K / t; actual = 2 N R K (2/M) / t. GB/s: weights "
               "(packed or dense) + x + y.\n");
-  std::printf("%-14s %6s %6s %5s %-9s %5s %10s %10s %8s %9s %9s %9s %9s %9s\n", "shape", "R", "K",
-              "N", "pattern", "kern", "ms_vnm", "ms_cublas", "speedup", "TF_deq", "TF_act",
-              "GB/s_vnm", "GB/s_cub", "rel_err");
 
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreate(&stream));
   cublasHandle_t handle;
   CUBLAS_OK(cublasCreate(&handle));
   CUBLAS_OK(cublasSetStream(handle, stream));
+  // An explicit workspace (after cublasSetStream, which resets it): cuBLAS then allocates
+  // nothing while a graph is captured. 32 MiB is what NVIDIA suggests for Hopper.
+  const size_t cublas_ws_bytes = size_t(32) << 20;
+  void* cublas_ws = nullptr;
+  CUDA_OK(cudaMalloc(&cublas_ws, cublas_ws_bytes));
+  CUBLAS_OK(cublasSetWorkspace(handle, cublas_ws, cublas_ws_bytes));
   std::mt19937 rng(1234);
   const float alpha = 1.0f, beta = 0.0f;
+  int failures = 0;
 
   for (const Shape& sh : shapes_for(shapes_s)) {
     for (const std::string& pat : split(patterns_s)) {
@@ -263,16 +377,16 @@ int main(int argc, char** argv) {
         for (const std::string& n : split(tokens_s)) m = std::max<int64_t>(m, std::atoll(n.c_str()));
         return m;
       }();
-      // Weight copies: enough that one pass over them exceeds 2x L2 (at most 8).
-      const int wsets = int(std::min<double>(8, std::max<double>(1, std::ceil(2 * l2 / double(dense_bytes)))));
-      std::vector<uint16_t*> vp(static_cast<size_t>(wsets)), dense(static_cast<size_t>(wsets));
-      std::vector<uint32_t*> mp(static_cast<size_t>(wsets));
-      std::vector<int32_t*> kx(static_cast<size_t>(wsets));
-      for (int s = 0; s < wsets; ++s) {
+      // Each operand's copies from its own bytes: packed (ours) and dense (cuBLAS) differ by M/2.
+      const int nv = rotation_copies(double(packed_bytes), l2, max_copies, cap);
+      const int nd = rotation_copies(double(dense_bytes), l2, max_copies, cap);
+      std::vector<uint16_t*> vp(static_cast<size_t>(nv)), dense(static_cast<size_t>(nd));
+      std::vector<uint32_t*> mp(static_cast<size_t>(nv));
+      std::vector<int32_t*> kx(static_cast<size_t>(nv));
+      for (int s = 0; s < nv; ++s) {
         CUDA_OK(cudaMalloc(&vp[size_t(s)], size_t(g.values_count()) * 2));
         CUDA_OK(cudaMalloc(&mp[size_t(s)], size_t(g.meta_words()) * 4));
         CUDA_OK(cudaMalloc(&kx[size_t(s)], size_t(g.kidx_count()) * 4));
-        CUDA_OK(cudaMalloc(&dense[size_t(s)], dense_bytes));
         vnm::cuda::PackParams pk;
         pk.geom = g;
         pk.values = d_values;
@@ -284,12 +398,15 @@ int main(int argc, char** argv) {
         pk.device = device;
         pk.stream = stream;
         VNM_OK(vnm::cuda::pack(pk));
+      }
+      for (int s = 0; s < nd; ++s) {  // the same weight, densified
+        CUDA_OK(cudaMalloc(&dense[size_t(s)], dense_bytes));
         CUDA_OK(cudaMemsetAsync(dense[size_t(s)], 0, dense_bytes, stream));
         vnm::cuda::DenseParams dp;
         dp.geom = g;
-        dp.values_p = vp[size_t(s)];
-        dp.meta_p = mp[size_t(s)];
-        dp.kidx = kx[size_t(s)];
+        dp.values_p = vp[0];
+        dp.meta_p = mp[0];
+        dp.kidx = kx[0];
         dp.dense = dense[size_t(s)];
         dp.device = device;
         dp.stream = stream;
@@ -297,7 +414,7 @@ int main(int argc, char** argv) {
       }
       // Activation / output copies for the largest N, reused (as prefixes) for smaller N.
       const size_t x_bytes = size_t(max_n * sh.K) * 2, y_bytes = size_t(max_n * sh.R) * 2;
-      const int xsets = int(std::min<double>(8, std::max<double>(2, std::ceil(2 * l2 / double(x_bytes + y_bytes)))));
+      const int xsets = rotation_copies(double(x_bytes + y_bytes), l2, 8, cap, 2);
       std::vector<uint16_t*> xs(static_cast<size_t>(xsets)), ys(static_cast<size_t>(xsets)), yref(1);
       {
         std::vector<uint16_t> hx(static_cast<size_t>(max_n * sh.K));
@@ -309,6 +426,16 @@ int main(int argc, char** argv) {
         }
         CUDA_OK(cudaMalloc(&yref[0], y_bytes));
       }
+      const double rot_v = nv * double(packed_bytes), rot_d = nd * double(dense_bytes);
+      const bool cold = rot_v > 2 * l2 && rot_d > 2 * l2;
+      std::printf("# %s %lldx%lld %s: rotation sets: ours %d x %.2f MB = %.0f MB, cuBLAS %d x %.1f MB = "
+                  "%.0f MB, x/y %d copies%s\n",
+                  sh.name, (long long)sh.R, (long long)sh.K, pat.c_str(), nv, packed_bytes / 1e6,
+                  rot_v / 1e6, nd, dense_bytes / 1e6, rot_d / 1e6, xsets,
+                  cold ? "" : "; NOT past 2x L2 (raise --max-copies / --rotate-cap-gb)");
+      std::printf("%-14s %6s %6s %5s %-9s %5s %10s %10s %8s %9s %9s %9s %9s %9s %4s\n", "shape", "R",
+                  "K", "N", "pattern", "kern", "ms_vnm", "ms_cublas", "speedup", "TF_deq", "TF_act",
+                  "GB/s_vnm", "GB/s_cub", "rel_err", "how");
 
       for (const std::string& n_s : split(tokens_s)) {
         const int64_t N = std::atoll(n_s.c_str());
@@ -320,27 +447,31 @@ int main(int argc, char** argv) {
         q.ldy = sh.R;
         q.device = device;
         q.stream = stream;
-        const int sets = std::max(wsets, xsets);
-        auto ours = [&](int s) {
-          q.values_p = vp[size_t(s % wsets)];
-          q.meta_p = mp[size_t(s % wsets)];
-          q.kidx = kx[size_t(s % wsets)];
+        auto ours_into = [&](int s, uint16_t* y) {
+          q.values_p = vp[size_t(s % nv)];
+          q.meta_p = mp[size_t(s % nv)];
+          q.kidx = kx[size_t(s % nv)];
           q.x = xs[size_t(s % xsets)];
-          q.y = ys[size_t(s % xsets)];
-          VNM_OK(vnm::cuda::spmm(q));
+          q.y = y;
+          const int st = vnm::cuda::spmm(q);
+          if (st != vnm::cuda::kOk)
+            std::fprintf(stderr, "vnm::cuda::spmm: status %d: %s\n", st, vnm::cuda::last_error());
+          return st == vnm::cuda::kOk;
         };
-        auto cublas = [&](int s, uint16_t* y) {
+        auto cublas_into = [&](int s, uint16_t* y) {
           // y^T (R x N, column-major) = W (R x K row-major = K x R column-major, transposed) x^T
-          CUBLAS_OK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(sh.R), int(N), int(sh.K), &alpha,
-                                 dense[size_t(s % wsets)], cu_t, int(sh.K), xs[size_t(s % xsets)], cu_t,
-                                 int(sh.K), &beta, y, cu_t, int(sh.R), CUBLAS_COMPUTE_32F,
-                                 CUBLAS_GEMM_DEFAULT));
+          const cublasStatus_t st = cublasGemmEx(
+              handle, CUBLAS_OP_T, CUBLAS_OP_N, int(sh.R), int(N), int(sh.K), &alpha,
+              dense[size_t(s % nd)], cu_t, int(sh.K), xs[size_t(s % xsets)], cu_t, int(sh.K), &beta, y,
+              cu_t, int(sh.R), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+          if (st != CUBLAS_STATUS_SUCCESS) std::fprintf(stderr, "cublasGemmEx: status %d\n", int(st));
+          return st == CUBLAS_STATUS_SUCCESS;
         };
-        // Correctness first: set 0 of both against each other.
-        CUDA_OK(cudaMemsetAsync(ys[0], 0xFF, y_bytes, stream));  // NaN poison
-        ours(0);
-        cublas(0, yref[0]);
+        // Correctness first: copy 0 of both on x copy 0, ours into a NaN-poisoned buffer.
+        CUDA_OK(cudaMemsetAsync(ys[0], 0xFF, y_bytes, stream));
+        if (!ours_into(0, ys[0]) || !cublas_into(0, yref[0])) return 2;
         CUDA_OK(cudaStreamSynchronize(stream));
+        CUDA_OK(cudaGetLastError());
         std::vector<uint16_t> h_ours(static_cast<size_t>(N * sh.R)), h_ref(static_cast<size_t>(N * sh.R));
         CUDA_OK(cudaMemcpy(h_ours.data(), ys[0], h_ours.size() * 2, cudaMemcpyDeviceToHost));
         CUDA_OK(cudaMemcpy(h_ref.data(), yref[0], h_ref.size() * 2, cudaMemcpyDeviceToHost));
@@ -351,40 +482,52 @@ int main(int argc, char** argv) {
           den += b * b;
         }
         const double err = std::sqrt(num / std::max(den, 1e-300));  // NaN if anything unwritten
+        if (!(err < 1e-2)) {
+          std::printf("%-14s %6lld %6lld %5lld %-9s  FAIL: rel_err %.2e against cuBLAS (not timed)\n",
+                      sh.name, (long long)sh.R, (long long)sh.K, (long long)N, pat.c_str(), err);
+          ++failures;
+          continue;
+        }
 
-        const float ms_v = median_ms(ours, sets, warmup, reps, stream);
-        const float ms_c = median_ms([&](int s) { cublas(s, ys[size_t(s % xsets)]); }, sets, warmup,
-                                     reps, stream);
+        const Timing tv = time_per_launch([&](int s) { return ours_into(s, ys[size_t(s % xsets)]); },
+                                          std::max(nv, xsets), warmup, reps, batch_ms, use_graph, stream);
+        const Timing tc = time_per_launch([&](int s) { return cublas_into(s, ys[size_t(s % xsets)]); },
+                                          std::max(nd, xsets), warmup, reps, batch_ms, use_graph, stream);
         const vnm::cuda::Plan pl = vnm::cuda::plan(q);
         char kern[16];
         std::snprintf(kern, sizeof(kern), "%s%d%s", pl.path == 1 ? "d" : "t", pl.bm,
                       pl.contiguous_b ? "c" : "g");
         const double flops = 2.0 * double(N) * double(sh.R) * double(sh.K);
         const double io = double(N) * double(sh.K + sh.R) * 2.0;
-        std::printf("%-14s %6lld %6lld %5lld %-9s %5s %10.4f %10.4f %8.2f %9.1f %9.1f %9.0f %9.0f %9.2e\n",
+        std::printf("%-14s %6lld %6lld %5lld %-9s %5s %10.4f %10.4f %8.2f %9.1f %9.1f %9.0f %9.0f %9.2e  %c/%c\n",
                     sh.name, (long long)sh.R, (long long)sh.K, (long long)N, pat.c_str(), kern,
-                    ms_v, ms_c, ms_c / ms_v, flops / (ms_v * 1e9), flops * (2.0 / p.M) / (ms_v * 1e9),
-                    (double(packed_bytes) + io) / (ms_v * 1e6), (double(dense_bytes) + io) / (ms_c * 1e6),
-                    err);
+                    tv.ms, tc.ms, tc.ms / tv.ms, flops / (tv.ms * 1e9), flops * (2.0 / p.M) / (tv.ms * 1e9),
+                    (double(packed_bytes) + io) / (tv.ms * 1e6), (double(dense_bytes) + io) / (tc.ms * 1e6),
+                    err, tv.how, tc.how);
         std::fflush(stdout);
       }
-      for (int s = 0; s < wsets; ++s) {
-        cudaFree(vp[size_t(s)]);
-        cudaFree(mp[size_t(s)]);
-        cudaFree(kx[size_t(s)]);
-        cudaFree(dense[size_t(s)]);
+      for (int s = 0; s < nv; ++s) {
+        CUDA_OK(cudaFree(vp[size_t(s)]));
+        CUDA_OK(cudaFree(mp[size_t(s)]));
+        CUDA_OK(cudaFree(kx[size_t(s)]));
       }
+      for (int s = 0; s < nd; ++s) CUDA_OK(cudaFree(dense[size_t(s)]));
       for (int s = 0; s < xsets; ++s) {
-        cudaFree(xs[size_t(s)]);
-        cudaFree(ys[size_t(s)]);
+        CUDA_OK(cudaFree(xs[size_t(s)]));
+        CUDA_OK(cudaFree(ys[size_t(s)]));
       }
-      cudaFree(yref[0]);
-      cudaFree(d_values);
-      cudaFree(d_meta);
-      cudaFree(d_columns);
+      CUDA_OK(cudaFree(yref[0]));
+      CUDA_OK(cudaFree(d_values));
+      CUDA_OK(cudaFree(d_meta));
+      CUDA_OK(cudaFree(d_columns));
     }
   }
-  cublasDestroy(handle);
-  cudaStreamDestroy(stream);
+  CUBLAS_OK(cublasDestroy(handle));
+  CUDA_OK(cudaFree(cublas_ws));
+  CUDA_OK(cudaStreamDestroy(stream));
+  if (failures) {
+    std::fprintf(stderr, "%d correctness failure(s) against cuBLAS\n", failures);
+    return 1;
+  }
   return 0;
 }

@@ -3,6 +3,10 @@ odd shapes, perm and bias, fp16 and bf16; each result is checked against the CPU
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_cases.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python bench/sanitize_cases.py --quick
+    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_cases.py --cases 2,3,4
+
+``--quick`` runs the first three cases (all 2:4), ``--cases`` the listed ones (indices into CASES).
+Exits 1 if a result is wrong, 2 without a GPU and a CUDA build.
 """
 
 from __future__ import annotations
@@ -30,11 +34,26 @@ CASES = [  # pattern, R, K, N, dtype, perm, bias, path (0 auto, 1 decode, 2 tile
 ]
 
 
+def selected_cases(argv):
+    if "--cases" in argv:
+        i = argv.index("--cases")
+        try:
+            picks = [int(s) for s in argv[i + 1].split(",")]
+            return [CASES[k] for k in picks]
+        except (IndexError, ValueError):
+            raise SystemExit(f"--cases wants comma-separated indices 0..{len(CASES) - 1}, e.g. --cases 2,3,4") from None
+    return CASES[:3] if "--quick" in argv else CASES
+
+
 def main() -> int:
-    quick = "--quick" in sys.argv
+    cases = selected_cases(sys.argv[1:])
+    if not (torch.cuda.is_available() and vnm.CUDA_BUILT):
+        print(f"needs a CUDA GPU and vnm built with CUDA (torch.cuda.is_available()="
+              f"{torch.cuda.is_available()}, vnm.CUDA_BUILT={vnm.CUDA_BUILT})", file=sys.stderr)
+        return 2
     g = torch.Generator().manual_seed(0)
     bad = 0
-    for pattern, R, K, N, dtype, use_perm, use_bias, path, gather in CASES[:3] if quick else CASES:
+    for pattern, R, K, N, dtype, use_perm, use_bias, path, gather in cases:
         w = torch.randn(R, K, generator=g).to(dtype)
         mask = vnm.select_mask(torch.rand(R, K, generator=g), pattern)
         perm = torch.randperm(K, generator=g) if use_perm else None
@@ -53,7 +72,7 @@ def main() -> int:
         print(f"{pattern:8s} R={R} K={K} N={N} {dtype} perm={use_perm} bias={use_bias} path={path} "
               f"gather={gather}: rel_err {err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     torch.cuda.synchronize()
-    print(f"{len(CASES[:3] if quick else CASES) - bad} passed, {bad} failed")
+    print(f"{len(cases) - bad} passed, {bad} failed")
     return 1 if bad else 0
 
 
