@@ -627,4 +627,18 @@ NB_MODULE(_C, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
+  // What the build was asked for and found (set by CMakeLists.txt), so a test can tell a build
+  // that was meant to be CPU-only from one that silently missed nvcc.
+  nb::dict build;
+#if defined(VNM_CUDA_REQUESTED) && VNM_CUDA_REQUESTED
+  build["cuda_requested"] = true;
+#else
+  build["cuda_requested"] = false;
+#endif
+#ifdef VNM_CUDA_COMPILER
+  build["cuda_compiler"] = VNM_CUDA_COMPILER;
+#else
+  build["cuda_compiler"] = "";
+#endif
+  m.attr("build_info") = build;
 }
