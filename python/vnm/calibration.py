@@ -165,8 +165,8 @@ class Calibration(Mapping):
 
 
 # Values binned at a time in the histogram pass. Each chunk's temporaries (the scaled values in
-# float32, their bin indices in int32) take 4 bytes per value, so the pass needs about 32 MiB
-# beyond the layer's input and its histogram however large the batch is.
+# float32, their bin indices in int32) take 4 bytes per value each, 32 MiB per chunk, plus one
+# K x bins int64 bincount: bounded however large the batch is.
 HISTOGRAM_CHUNK_VALUES = 1 << 22
 _INT32_MAX = 2**31 - 1
 
@@ -609,7 +609,8 @@ def calibrate_sequential(
     all_stats: Dict[str, ChannelStats] = {}
     read_masks = _MaskReader(token_mask)
     with _eval_no_cache(model):
-        _, encoder = _router_for(model, [])
+        found = _encoder_of(model)
+        encoder = found[1] if found else None
         inputs = _capture_block_inputs(model, blocks[0], batches, device, progress, read_masks, encoder)
         bar = tqdm(total=len(blocks), desc="calibrate: blocks", disable=not progress, leave=False)
         for prefix, block in zip(prefixes, blocks):
