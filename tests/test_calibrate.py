@@ -214,3 +214,137 @@ def test_sequential_rejects_blocks_outside_the_model(gen):
     model.unused = torch.nn.Identity()  # registered but never called by forward
     with pytest.raises(ValueError, match="did not run"):
         calibrate_sequential(model, llama_batches(gen, 1), [model.unused], progress=False)
+
+
+# ---- encoder-decoder models, batches without a mask ------------------------------------------------
+
+
+def tiny_t5(lm_head=False):
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_decoder_layers=1,
+                                num_heads=2)
+    return (transformers.T5ForConditionalGeneration if lm_head else transformers.T5Model)(cfg).eval()
+
+
+def t5_batch(gen, decoder_mask=False):
+    """Encoder and decoder of the same length 6, so shapes cannot tell their masks apart: row 1 of
+    the encoder has 3 padding tokens; with decoder_mask, row 0 of the decoder has 2."""
+    ids = torch.randint(1, 50, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(1, 50, (2, 6), generator=gen)}
+    if decoder_mask:
+        dmask = torch.ones(2, 6, dtype=torch.long)
+        dmask[0, 4:] = 0
+        batch["decoder_attention_mask"] = dmask
+    return batch
+
+
+ENC_Q = "encoder.block.0.layer.0.SelfAttention.q"
+DEC_Q = "decoder.block.0.layer.0.SelfAttention.q"
+CROSS = "decoder.block.0.layer.1.EncDecAttention"
+
+
+def test_encoder_decoder_layers_get_their_own_stack_mask(gen):
+    model = tiny_t5()
+    batch = t5_batch(gen)
+    stats = calibrate(model, [batch], entropy_bins=None, progress=False)
+    for n in stats:  # 9 real encoder tokens; the decoder has no mask, so all 12 of its tokens count
+        from_encoder = n.startswith("encoder.") or n in (f"{CROSS}.k", f"{CROSS}.v")
+        assert stats[n].count == (9 if from_encoder else 12), n
+    with_mask = t5_batch(gen, decoder_mask=True)
+    stats = calibrate(model, [with_mask], entropy_bins=8, progress=False)
+    assert stats[DEC_Q].count == stats[f"{CROSS}.q"].count == 10  # decoder_attention_mask: 12 - 2
+    assert stats[f"{CROSS}.k"].count == stats[ENC_Q].count == 9
+    # and the statistics are those of exactly these tokens
+    store, mods = {}, dict(model.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: store.__setitem__(n, a[0].double()))
+             for n in (ENC_Q, DEC_Q, f"{CROSS}.k")]
+    with torch.no_grad():
+        model(**with_mask)
+    for h in hooks:
+        h.remove()
+    enc, dec = with_mask["attention_mask"].bool(), with_mask["decoder_attention_mask"].bool()
+    for n, m in ((ENC_Q, enc), (DEC_Q, dec), (f"{CROSS}.k", enc)):
+        assert_matches_stored(stats[n], store[n][m], bins=8)
+
+
+def test_encoder_decoder_lm_head_given_encoder_outputs_and_sequential(gen):
+    model = tiny_t5(lm_head=True)
+    batch = t5_batch(gen, decoder_mask=True)
+    stats = calibrate(model, [batch], entropy_bins=None, progress=False)
+    assert stats["lm_head"].count == 10  # reads the decoder's tokens
+    # encoder outputs passed in: the encoder does not run, its tensor still marks the cross-attention inputs
+    with torch.no_grad():
+        enc_out = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    given = {k: v for k, v in batch.items() if k != "input_ids"} | {"encoder_outputs": (enc_out.last_hidden_state,)}
+    again = calibrate(model, [given], entropy_bins=None, progress=False)
+    assert again[f"{CROSS}.k"].count == 9 and again[DEC_Q].count == 10
+    assert torch.allclose(again[f"{CROSS}.k"].sumsq, stats[f"{CROSS}.k"].sumsq)
+    seq = calibrate_sequential(model, [batch], model.decoder.block, entropy_bins=None, progress=False)
+    assert seq[DEC_Q].count == 10 and seq[f"{CROSS}.v"].count == 9
+    assert torch.allclose(seq[DEC_Q].sumsq, stats[DEC_Q].sumsq)
+
+
+def test_batches_without_a_mask_warn_once_and_token_mask_fixes_them(gen):
+    model = tiny_bert()
+    batches = padded_batches(gen, n_batches=2)
+    as_dicts = calibrate(model, batches, entropy_bins=None, progress=False)
+    # what a DataLoader over TensorDataset(input_ids, attention_mask) yields: lists of tensors
+    as_lists = [[b["input_ids"], b["attention_mask"]] for b in batches]
+    with pytest.warns(UserWarning, match=r"carry no attention_mask.*token_mask=lambda batch: batch\[1\]") as caught:
+        blind = calibrate(model, as_lists, entropy_bins=None, progress=False)
+    assert len([w for w in caught if "attention_mask" in str(w.message)]) == 1  # once, not per batch and pass
+    name = "encoder.layer.0.attention.self.query"
+    assert blind[name].count == sum(b["input_ids"].numel() for b in batches)  # padding counted
+    fixed = calibrate(model, as_lists, token_mask=lambda b: b[1], entropy_bins=None, progress=False)
+    assert fixed[name].count == as_dicts[name].count
+    assert torch.equal(fixed[name].sumsq, as_dicts[name].sumsq)
+    with pytest.raises(TypeError, match=r"token_mask\(batch\) must return a \(batch, length\) tensor"):
+        calibrate(model, as_lists, token_mask=lambda b: b[1][0], entropy_bins=None, progress=False)
+
+
+def test_float_inputs_without_a_mask_do_not_warn(gen, recwarn):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    calibrate(model, [(torch.randn(5, 8, generator=gen),)], entropy_bins=None, progress=False)
+    assert not [w for w in recwarn if "attention_mask" in str(w.message)]
+
+
+# ---- histogram pass: chunks and count type -------------------------------------------------------------
+
+
+def test_chunked_histogram_is_bit_identical_to_binning_all_values_at_once(gen):
+    from vnm.calibration import _Accumulator
+
+    K, bins = 24, 16
+    x = torch.randn(333, K, generator=gen) * torch.rand(K, generator=gen) * 5
+    x[:, 3] = 0.25  # a constant channel: everything in bin 0
+    x[7, 5] = x[:, 5].max() + 1  # one outlier: the maximum lands in the last bin, not past it
+    accs = [_Accumulator("l", K, chunk_values=v) for v in (K * 10 ** 6, K * 7, 1)]  # all at once, 7 rows, 1 row
+    for acc in accs:
+        for part in x.split(100):
+            acc.add(part)
+        acc.start_histogram(bins)
+        for part in x.split(100):
+            acc.add(part)
+    # the unchunked formula: floor((x - min) / width) clamped to [0, bins - 1]
+    lo, hi = x.amin(0), x.amax(0)
+    width = (hi - lo) / bins
+    scaled = torch.where(width > 0, (x - lo) / torch.where(width > 0, width, 1.0), 0.0)
+    idx = scaled.floor().clamp_(0, bins - 1).long() + torch.arange(K) * bins
+    expected = torch.bincount(idx.flatten(), minlength=K * bins).view(K, bins)
+    for acc in accs:
+        h = acc.result().histogram
+        assert h.dtype == torch.int32
+        assert torch.equal(h.long(), expected)
+    assert int(expected[3, 0]) == 333 and int(expected[5, -1]) >= 1 and int(expected.sum()) == 333 * K
+
+
+def test_histogram_counts_promote_to_int64_beyond_int32(gen):
+    from vnm.calibration import _Accumulator
+
+    acc = _Accumulator("l", 4)
+    acc.add(torch.randn(3, 4, generator=gen))
+    acc.count = 2**31  # as if that many tokens had been seen: a bin could overflow int32
+    acc.start_histogram(8)
+    assert acc.histogram.dtype == torch.int64

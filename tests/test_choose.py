@@ -1,13 +1,18 @@
 """choose_pattern: the speed filter, the accuracy proxy, the speedup sources and the errors."""
 
+import ast
+import csv
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import vnm
 from vnm.choose import MODEL_SOURCE, SpeedupTable, log_mask_diversity, model_speedup
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_spmm.py"
 
 CANDIDATES = ["2:4", "64:2:5", "64:2:6", "64:2:8", "128:2:8", "64:2:16"]
 SPEEDUPS = {"2:4": 1.2, "64:2:5": 1.6, "64:2:6": 1.9, "64:2:8": 2.4, "128:2:8": 2.5, "64:2:16": 3.5}
@@ -172,3 +177,135 @@ def test_bad_inputs(tmp_path, gen):
     bad.write_text("pattern,R,K,speedup\n2:4,64,64,1.2\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['N', 'speedup_dense'\]"):
         vnm.choose_pattern(good, 1.5, speedup_table=bad, progress=False)
+
+
+# ---- the two phase-2 proxies --------------------------------------------------------------------------
+
+
+def test_kept_and_diversity_proxies_choose_differently(tmp_path, gen):
+    # 64:2:8-shaped weights: kept importance prefers 64:2:8; the paper's rule takes the most
+    # diverse pattern that is fast enough, 64:2:5 (2:4 has more masks but misses 1.5x).
+    scores = {"a": planted("64:2:8", 64, 48, gen), "b": planted("64:2:8", 64, 40, gen)}
+    table = write_table(tmp_path / "t.csv", [(64, 48), (64, 40)])
+    kept = vnm.choose_pattern(scores, 1.5, CANDIDATES, table, progress=False)
+    diverse = vnm.choose_pattern(scores, 1.5, CANDIDATES, table, proxy="diversity", progress=False)
+    fast_enough = [p for p in CANDIDATES if SPEEDUPS[p] >= 1.5]
+    assert max(CANDIDATES, key=log_mask_diversity) == "2:4" not in fast_enough
+    assert kept.pattern == "64:2:8" and kept.proxy == "kept"
+    assert diverse.pattern == max(fast_enough, key=log_mask_diversity) == "64:2:5"
+    assert diverse.proxy == "diversity" and "'diversity'" in str(diverse)
+    assert diverse.speedup == pytest.approx(1.6)
+    by_pattern = {c.pattern: c for c in diverse.candidates}
+    assert by_pattern["64:2:5"].kept == pytest.approx({c.pattern: c for c in kept.candidates}["64:2:5"].kept)
+    assert by_pattern["64:2:8"].kept is None  # not tied on MD: its kept importance is not needed
+    assert diverse.kept == pytest.approx(by_pattern["64:2:5"].kept)
+
+
+def test_diversity_ties_are_broken_by_kept_importance(tmp_path, gen, monkeypatch):
+    scores = {"a": planted("64:2:8", 64, 48, gen)}
+    table = write_table(tmp_path / "t.csv", [(64, 48)])
+    # V:2:4 and 2:4 allow exactly as many masks per weight, and keep the same: the smaller V wins
+    table24 = write_table(tmp_path / "t24.csv", [(64, 48)], speedups={"2:4": 1.6, "16:2:4": 1.6, "64:2:8": 2.4})
+    assert vnm.choose_pattern(scores, 1.5, ["16:2:4", "2:4", "64:2:8"], table24, proxy="diversity",
+                              progress=False).pattern == "2:4"
+    # every candidate tied on MD: kept importance decides, as with proxy="kept"
+    monkeypatch.setattr(vnm.choose, "log_mask_diversity", lambda p: 0.0)
+    # (tolerance belongs to proxy="kept": there, 1.0 would make all near-ties and pick the smallest M)
+    tied = vnm.choose_pattern(scores, 1.5, CANDIDATES, table, proxy="diversity", tolerance=1.0, progress=False)
+    assert tied.pattern == "64:2:8"
+    assert vnm.choose_pattern(scores, 1.5, CANDIDATES, table, tolerance=1.0, progress=False).pattern == "64:2:5"
+    assert all(c.kept is not None for c in tied.candidates if c.meets)
+
+
+def test_per_layer_diversity_takes_each_layers_most_diverse_fast_pattern(tmp_path, gen):
+    scores = {"wide": planted("64:2:8", 128, 80, gen), "narrow": planted("64:2:8", 64, 64, gen)}
+    path = tmp_path / "t.csv"
+    rows = ["pattern,R,K,N,speedup_dense"]
+    for p, s in SPEEDUPS.items():
+        rows.append(f"{p},128,80,2048,{s}")
+        rows.append(f"{p},64,64,2048,{s - 0.5}")
+    path.write_text("\n".join(rows))
+    kept = vnm.choose_pattern(scores, 1.5, CANDIDATES, path, per_layer=True, progress=False)
+    diverse = vnm.choose_pattern(scores, 1.5, CANDIDATES, path, per_layer=True, proxy="diversity", progress=False)
+    assert kept.patterns == {"wide": "64:2:8", "narrow": "64:2:8"}
+    assert diverse.patterns == {"wide": "64:2:5", "narrow": "64:2:8"}  # narrow: 64:2:5 and 64:2:6 miss 1.5x
+    with pytest.raises(ValueError, match=r"proxy must be one of \('kept', 'diversity'\)"):
+        vnm.choose_pattern(scores, 1.5, CANDIDATES, path, proxy="md", progress=False)
+
+
+# ---- the benchmark's CSV: dtypes and GPUs ------------------------------------------------------------
+
+
+def bench_fieldnames():
+    """The columns bench/bench_spmm.py writes: the list passed as csv.DictWriter(fieldnames=...)."""
+    tree = ast.parse(BENCH.read_text())
+    lists = {t.id: node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.List)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "DictWriter":
+            arg = next(k.value for k in node.keywords if k.arg == "fieldnames")
+            return ast.literal_eval(lists[arg.id] if isinstance(arg, ast.Name) else arg)
+    raise AssertionError("no csv.DictWriter(fieldnames=...) in bench/bench_spmm.py")
+
+
+def write_bench_csv(path, runs):
+    """A CSV as bench_spmm.py writes it, one run (gpu, dtype, {pattern: speedup}) after the other, each
+    with its own header (as `cat run1.csv run2.csv` gives)."""
+    cols = bench_fieldnames()
+    with open(path, "w", newline="") as f:
+        for gpu, dtype, speedups in runs:
+            writer = csv.DictWriter(f, fieldnames=cols)
+            writer.writeheader()
+            for pattern, s in speedups.items():
+                for N in (16, 2048):
+                    ms = 0.1 / s
+                    writer.writerow({"gpu": gpu, "dtype": dtype, "pattern": pattern, "R": 11008, "K": 4096, "N": N,
+                                     "ms_vnm": ms, "ms_dense": 0.1, "ms_24": float("nan"), "speedup_dense": 0.1 / ms,
+                                     "speedup_24": float("nan"), "tflops": 123.4, "gbps": 987.0, "kernel": "t64c",
+                                     "shape": "llama7b.up", "timing": "graph/graph/-"})
+    return path
+
+
+def test_bench_header_has_what_the_table_reads():
+    cols = bench_fieldnames()
+    assert set(vnm.choose.REQUIRED_COLUMNS) <= set(cols) and {"gpu", "dtype"} <= set(cols)
+
+
+def test_table_keeps_dtypes_apart(tmp_path):
+    path = write_bench_csv(tmp_path / "bench.csv", [("NVIDIA H200", "float16", {"64:2:8": 3.0, "2:4": 1.5}),
+                                                    ("NVIDIA H200", "bfloat16", {"64:2:8": 2.0, "2:4": 1.2})])
+    fp16, bf16 = SpeedupTable(path), SpeedupTable(path, dtype=torch.bfloat16)
+    assert fp16.speedup("64:2:8", 11008, 4096, 2048) == (pytest.approx(3.0), "measured")  # not the median 2.5
+    assert bf16.speedup("64:2:8", 11008, 4096, 2048)[0] == pytest.approx(2.0)
+    assert SpeedupTable(path, dtype="bf16").speedup("2:4", 11008, 4096, 16)[0] == pytest.approx(1.2)
+    assert fp16.source == f"table: {path} [float16, NVIDIA H200]" and fp16.gpu == "NVIDIA H200"
+    scores = {"up": torch.rand(11008 // 64, 4096 // 64) + 0.1}  # any shape: the nearest measured one is used
+    choice = vnm.choose_pattern(scores, 2.5, ["2:4", "64:2:8"], path, progress=False)
+    assert choice.pattern == "64:2:8" and choice.speedup == pytest.approx(3.0)
+    with pytest.raises(ValueError, match=r"the best available is 64:2:8 at 2\.00x"):
+        vnm.choose_pattern(scores, 2.5, ["2:4", "64:2:8"], path, dtype="bfloat16", progress=False)
+    # tables without a dtype column, appended to each other: the second header is skipped
+    plain = tmp_path / "plain.csv"
+    plain.write_text("pattern,R,K,N,speedup_dense\n64:2:8,64,64,16,2.0\npattern,R,K,N,speedup_dense\n64:2:8,64,64,16,4.0\n")
+    assert SpeedupTable(plain).speedup("64:2:8", 64, 64, 16)[0] == pytest.approx(3.0)
+    only_bf16 = write_bench_csv(tmp_path / "bf16.csv", [("NVIDIA H200", "bfloat16", {"64:2:8": 2.0})])
+    with pytest.raises(ValueError, match=r"has no float16 rows \(it has bfloat16\); pass dtype="):
+        SpeedupTable(only_bf16)
+
+
+def test_table_refuses_to_mix_gpus(tmp_path):
+    path = write_bench_csv(tmp_path / "bench.csv", [("NVIDIA H200", "float16", {"64:2:8": 3.0}),
+                                                    ("NVIDIA A100-SXM4-80GB", "float16", {"64:2:8": 2.2})])
+    with pytest.raises(ValueError, match=r"measurements of 2 GPUs .*pass gpu= the one to plan for"):
+        SpeedupTable(path)
+    assert SpeedupTable(path, gpu="NVIDIA A100-SXM4-80GB").speedup("64:2:8", 11008, 4096, 16)[0] == pytest.approx(2.2)
+    with pytest.raises(ValueError, match=r"no float16 rows for gpu 'H100'; its GPUs: \['NVIDIA A100-SXM4-80GB', 'NVIDIA H200'\]"):
+        SpeedupTable(path, gpu="H100")
+    choice = vnm.choose_pattern({"a": torch.rand(64, 64) + 0.1}, 1.5, ["64:2:8"], path, gpu="NVIDIA H200",
+                                progress=False)
+    assert choice.speedup == pytest.approx(3.0)
+    table = SpeedupTable(path, gpu="NVIDIA H200")
+    with pytest.raises(ValueError, match="read it again with vnm.SpeedupTable"):
+        vnm.choose_pattern({"a": torch.rand(64, 64) + 0.1}, 1.5, ["64:2:8"], table, dtype="bfloat16", progress=False)
+    with pytest.raises(ValueError, match="has no gpu column"):
+        SpeedupTable(write_table(tmp_path / "plain.csv", [(64, 64)]), gpu="NVIDIA H200")

@@ -98,3 +98,24 @@ def test_report_numbers_table_and_plot(gen, tmp_path):
     # a plain score mapping works the same way
     again = vnm.report(sc, "16:2:8", print_fn=None)
     assert again.overall["16:2:8"] == pytest.approx(rep.overall["16:2:8"])
+
+
+def test_report_takes_the_per_layer_patterns_of_a_choice(gen, tmp_path):
+    model = TwoLayer()
+    stats = calibrate(model, inputs(gen), entropy_bins=None, progress=False)
+    sc = vnm.layer_scores(model, "wanda", stats)
+    table = tmp_path / "t.csv"
+    table.write_text("pattern,R,K,N,speedup_dense\n2:4,64,32,2048,1.6\n16:2:8,64,32,2048,2.5\n"
+                     "2:4,48,64,2048,1.2\n16:2:8,48,64,2048,2.5\n")
+    choice = vnm.choose_pattern(sc, 1.5, ["2:4", "16:2:8"], table, per_layer=True, progress=False)
+    assert choice.pattern is None and choice.patterns == {"fc1": "2:4", "fc2": "16:2:8"}
+    printed = []
+    rep = vnm.report(sc, choice.patterns, print_fn=printed.append, progress=False)
+    assert rep.layer_patterns == choice.patterns
+    assert rep.kept["per layer"]["fc1"] == pytest.approx(vnm.kept_fraction(sc["fc1"], vnm.select_mask(sc["fc1"], "2:4")))
+    assert rep.kept["per layer"]["fc2"] == pytest.approx(
+        vnm.kept_fraction(sc["fc2"], vnm.select_mask(sc["fc2"], "16:2:8")))
+    assert rep.overall["per layer"] == pytest.approx(choice.kept)
+    assert "16:2:8" in printed[0].splitlines()[2] and "2:4" in printed[0].splitlines()[1]
+    with pytest.raises(ValueError, match=r"1 scored layer\(s\) have no pattern \['fc2'\].*layers=list\(choice.patterns\)"):
+        vnm.report(sc, {"fc1": "2:4"}, print_fn=None, progress=False)

@@ -2,29 +2,44 @@
 
 The paper frames the choice as: maximise accuracy subject to the measured V:N:M speedup being at
 least a target s, in two phases. Phase 1 keeps the (V, M) candidates whose speedup on the target
-GPU meets s. Phase 2 picks among them by an accuracy proxy; the paper uses mask diversity (MD,
-Hubara et al. 2021: the number of masks a pattern allows). How exactly the paper combines its
-proxies could not be confirmed, so :func:`choose_pattern` uses this documented rule:
+GPU meets s. Phase 2 picks among them by an accuracy proxy: per the paper's reviewers (secondary
+sources, docs/papers.md section 1a), mask diversity (MD, Hubara et al. 2021: the number of masks
+a pattern allows). Whether the paper combines MD with another proxy is UNCONFIRMED (a reviewer
+asks why MD rather than parameter count). :func:`choose_pattern` offers two phase-2 rules,
+``proxy=``:
 
-1. **Kept importance first.** For every surviving candidate the exact mask is selected on the
-   user's own scores and the kept fraction (kept score / total score) is measured per layer; the
-   global value is the parameter-weighted mean over layers (each layer's fraction weighted by
-   R * K, so score scales that differ between layers do not matter).
-2. **Mask diversity breaks near-ties.** Among candidates within ``tolerance`` (absolute, default
-   0.002) of the best kept fraction, the one with the highest log mask diversity per weight wins
-   (then the smaller M, then the smaller V). For V:N:M one V x M block allows C(M,4) * C(4,2)^V
-   masks, so ln MD per weight is ``(ln C(M,4) + V ln 6) / (V M)``; for plain N:M it is
-   ``ln C(M,N) / M``. Being per weight, it ranks patterns the same for every layer shape.
+* ``"kept"`` (default): **kept importance first, MD breaks near-ties.** For every surviving
+  candidate the exact mask is selected on the user's own scores and the kept fraction (kept
+  score / total score) is measured per layer; the global value is the parameter-weighted mean
+  over layers (each layer's fraction weighted by R * K, so score scales that differ between
+  layers do not matter). Among candidates within ``tolerance`` (absolute, default 0.002) of the
+  best kept fraction, the one with the highest MD wins (then the smaller M, then the smaller V).
+  This is vnm's rule, not the paper's; ``tolerance=1.0`` makes every survivor a near-tie and so
+  reduces it to MD alone.
+* ``"diversity"``: **the paper's phase 2 as its reviewers describe it**: the survivor with the
+  highest MD; candidates whose MD ties (V:2:4 and 2:4) are separated by kept importance, then the
+  smaller M and V. Kept importance is measured only for those tied candidates.
 
-Kept importance is measured, MD is a prior: where the scores say a sparser pattern keeps more
-(e.g. weights that already follow it), kept importance decides; where they are indifferent, the
-more flexible pattern wins.
+ln MD per weight: for V:N:M one V x M block allows C(M,4) * C(4,2)^V masks, so it is
+``(ln C(M,4) + V ln 6) / (V M)``; for plain N:M ``ln C(M,N) / M``. Being per weight, it ranks
+patterns the same for every layer shape. It falls with M (and, for M > 4, with V); among
+:data:`DEFAULT_CANDIDATES` (V = 64, 128) the "diversity" rule therefore picks the smallest M,
+then the smallest V, that meets the target: the densest survivor, whatever the scores say.
+
+Why "kept" is the default: kept importance is measured on the user's scores, MD is a prior that
+ignores them. Where the scores say a sparser pattern keeps more (e.g. weights that already follow
+it), kept importance decides; where they are indifferent, the more flexible pattern wins.
 
 Speedups (``speedup_table``): a CSV written by the kernel benchmark (``bench/bench_spmm.py``)
 with at least the columns ``pattern,R,K,N,speedup_dense`` (speedup of the vnm kernel over dense
-``torch.matmul`` at that shape and token count; other columns are ignored, repeated rows are
-combined by their median). Given as a path, else the path in the environment variable
-``VNM_SPEEDUP_TABLE``, else the model below. Lookup rule for a layer R x K at ``tokens`` N:
+``torch.matmul`` at that shape and token count; repeated rows are combined by their median).
+The row of pattern "2:4" is vnm's own 2:4 kernel (``vnm.spmm``) over dense, not PyTorch's
+cuSPARSELt / CUTLASS semi-structured path, which the benchmark reports separately
+(``ms_24``, ``speedup_24``; not read here). Of the other columns, ``dtype`` and ``gpu`` select
+rows (``dtype=``, default 'float16'; ``gpu=``, required when the table holds several GPUs, see
+:class:`SpeedupTable`) and the rest are ignored. Given as a path, else the path in the
+environment variable ``VNM_SPEEDUP_TABLE``, else the model below. Lookup rule for a layer R x K
+at ``tokens`` N:
 
 * use the rows of the same pattern with exactly R x K if any, else those of the nearest measured
   shape (smallest |ln R - ln R'| + |ln K - ln K'|);
@@ -35,7 +50,8 @@ combined by their median). Given as a path, else the path in the environment var
 A candidate the table does not list is reported as "not measured" and not chosen.
 
 Without a table a **model** is used and the result says so (``source`` starts with "model"): the
-roofline ceilings of DESIGN.md section 4 with fp16 weights. Time = max(FLOPs / balance, bytes);
+roofline ceilings of DESIGN.md section 4 with fp16 weights (bf16 has the same bytes, so the same
+ceilings). Time = max(FLOPs / balance, bytes);
 sparse compute is 2/M of dense (2:4 on sparse tensor cores: 1/2), sparse weight bytes are
 (2*2 + 0.5)/M per weight (values + 4-bit metadata per row and group) + 4/(V*M) (column indices)
 against 2 for dense, activations are the same. ``balance`` = 300 FLOP/byte (about an H100's fp16
@@ -106,11 +122,34 @@ def model_speedup(pattern: PatternLike, R: int, K: int, N: int, *, balance: floa
     return dense_t / sparse_t
 
 
-class SpeedupTable:
-    """Measured speedups read from the kernel benchmark's CSV (lookup rule in the module doc)."""
+_DTYPE_ALIASES = {"float16": "float16", "fp16": "float16", "half": "float16",
+                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
-    def __init__(self, path: Union[str, Path]):
+
+def _dtype_name(dtype: Union[str, torch.dtype]) -> str:
+    """'float16' / 'bfloat16' (as bench_spmm.py writes them) for a torch dtype or a common alias."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype)
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a string such as 'float16' or a torch.dtype, got {type(dtype).__name__}")
+    name = dtype.strip().lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+class SpeedupTable:
+    """Measured speedups read from the kernel benchmark's CSV (lookup rule in the module doc).
+
+    ``dtype``: only rows of this dtype are used when the table has a ``dtype`` column (default
+    'float16'; 'bfloat16', torch dtypes and 'fp16' / 'bf16' are understood). ``gpu``: the rows of
+    this GPU (the ``gpu`` column, as ``torch.cuda.get_device_name()`` names it); required when the
+    table holds more than one GPU. Repeated header lines (files concatenated with ``cat``) are
+    skipped. A table without these columns is used as it is.
+    """
+
+    def __init__(self, path: Union[str, Path], *, dtype: Union[str, torch.dtype] = "float16",
+                 gpu: Optional[str] = None):
         self.path = Path(path)
+        self.dtype = _dtype_name(dtype)
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"speedup table {str(self.path)!r} does not exist; write it with bench/bench_spmm.py on "
@@ -126,24 +165,50 @@ class SpeedupTable:
             if missing:
                 raise ValueError(f"speedup table {str(self.path)!r} lacks column(s) {missing}; it needs "
                                  f"{','.join(REQUIRED_COLUMNS)} (as bench/bench_spmm.py writes)")
+            if gpu is not None and "gpu" not in cols:
+                raise ValueError(f"speedup table {str(self.path)!r} has no gpu column, so gpu={gpu!r} cannot be "
+                                 "selected; pass gpu=None")
+            rows = []
             for line_no, row in enumerate(reader, start=2):
                 row = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
-                try:
-                    pat = str(as_pattern(row["pattern"]))
-                    R, K, N = int(row["R"]), int(row["K"]), int(row["N"])
-                    s = float(row["speedup_dense"])
-                except (ValueError, TypeError) as exc:
-                    raise ValueError(f"speedup table {str(self.path)!r} line {line_no}: cannot read {row}: {exc}") from None
-                if not (math.isfinite(s) and s > 0) or min(R, K, N) <= 0:
-                    raise ValueError(f"speedup table {str(self.path)!r} line {line_no}: speedup must be a positive "
-                                     f"number and R, K, N positive; got {row}")
-                self._rows[pat][(R, K)][N].append(s)
+                if [row.get(c) for c in cols] == cols:  # the header again: files appended to each other
+                    continue
+                rows.append((line_no, row))
+        dtypes = sorted({_dtype_name(r["dtype"]) for _, r in rows if r.get("dtype")}) if "dtype" in cols else []
+        if "dtype" in cols:
+            rows = [(n, r) for n, r in rows if _dtype_name(r.get("dtype") or "") == self.dtype]
+            if not rows:
+                raise ValueError(f"speedup table {str(self.path)!r} has no {self.dtype} rows (it has "
+                                 f"{', '.join(dtypes) or 'none'}); pass dtype= one of those, or measure "
+                                 f"{self.dtype} with bench/bench_spmm.py --dtype {self.dtype}")
+        gpus = sorted({r["gpu"] for _, r in rows if r.get("gpu")}) if "gpu" in cols else []
+        if gpu is not None:
+            rows = [(n, r) for n, r in rows if r.get("gpu") == gpu]
+            if not rows:
+                raise ValueError(f"speedup table {str(self.path)!r} has no {self.dtype} rows for gpu {gpu!r}; "
+                                 f"its GPUs: {gpus}")
+        elif len(gpus) > 1:
+            raise ValueError(f"speedup table {str(self.path)!r} holds measurements of {len(gpus)} GPUs {gpus}; "
+                             "their speedups must not be mixed: pass gpu= the one to plan for")
+        self.gpu = gpu if gpu is not None else (gpus[0] if gpus else None)
+        self._labels = [x for x in (self.dtype if "dtype" in cols else None, self.gpu) if x]
+        for line_no, row in rows:
+            try:
+                pat = str(as_pattern(row["pattern"]))
+                R, K, N = int(row["R"]), int(row["K"]), int(row["N"])
+                s = float(row["speedup_dense"])
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"speedup table {str(self.path)!r} line {line_no}: cannot read {row}: {exc}") from None
+            if not (math.isfinite(s) and s > 0) or min(R, K, N) <= 0:
+                raise ValueError(f"speedup table {str(self.path)!r} line {line_no}: speedup must be a positive "
+                                 f"number and R, K, N positive; got {row}")
+            self._rows[pat][(R, K)][N].append(s)
         if not self._rows:
             raise ValueError(f"speedup table {str(self.path)!r} has no rows")
 
     @property
     def source(self) -> str:
-        return f"table: {self.path}"
+        return f"table: {self.path}" + (f" [{', '.join(self._labels)}]" if self._labels else "")
 
     def patterns(self) -> List[str]:
         return list(self._rows)
@@ -176,18 +241,26 @@ class SpeedupTable:
         return value, "; ".join(note) or "measured"
 
 
-def resolve_speedup_table(speedup_table=None) -> Optional[SpeedupTable]:
+def resolve_speedup_table(speedup_table=None, *, dtype: Union[None, str, torch.dtype] = None,
+                          gpu: Optional[str] = None) -> Optional[SpeedupTable]:
     """The table to use: the argument (a path, a SpeedupTable, or "model" for none), else
-    ``$VNM_SPEEDUP_TABLE``, else None (the model)."""
+    ``$VNM_SPEEDUP_TABLE``, else None (the model). A path is read with ``dtype`` (default
+    'float16') and ``gpu`` (see :class:`SpeedupTable`); a SpeedupTable given with a different
+    ``dtype`` or ``gpu`` is an error."""
     if isinstance(speedup_table, SpeedupTable):
+        if dtype is not None and _dtype_name(dtype) != speedup_table.dtype or gpu is not None and gpu != speedup_table.gpu:
+            raise ValueError(f"the SpeedupTable given holds {speedup_table.dtype} rows of gpu {speedup_table.gpu!r}, "
+                             f"not dtype={dtype!r} gpu={gpu!r}; read it again with "
+                             "vnm.SpeedupTable(path, dtype=..., gpu=...) or pass its path")
         return speedup_table
     if isinstance(speedup_table, str) and speedup_table == "model":
         return None
+    options = {"dtype": "float16" if dtype is None else dtype, "gpu": gpu}
     if speedup_table is None:
         env = os.environ.get(ENV_TABLE)
-        return SpeedupTable(env) if env else None
+        return SpeedupTable(env, **options) if env else None
     if isinstance(speedup_table, (str, Path)):
-        return SpeedupTable(speedup_table)
+        return SpeedupTable(speedup_table, **options)
     raise TypeError(f"speedup_table must be a CSV path, a vnm.SpeedupTable, 'model' or None; got {type(speedup_table).__name__}")
 
 
@@ -211,7 +284,7 @@ class PatternChoice:
     """Result of :func:`choose_pattern`.
 
     ``pattern``: the chosen pattern (global choice) or None (per layer); ``patterns``: layer ->
-    pattern; ``speedup``: whole-model speedup estimate with those patterns; ``kept``:
+    pattern (always set; pass it to :func:`vnm.report`); ``proxy``: the phase-2 rule used; ``speedup``: whole-model speedup estimate with those patterns; ``kept``:
     parameter-weighted kept importance; ``source``: where speedups came from ("table: <path>" or
     "model: ..."); ``candidates``: the global evaluation (global choice) and ``layer_candidates``
     per layer (per-layer choice).
@@ -227,9 +300,11 @@ class PatternChoice:
     per_layer: bool
     candidates: List[Candidate] = field(default_factory=list)
     layer_candidates: Dict[str, List[Candidate]] = field(default_factory=dict)
+    proxy: str = "kept"
 
     def __str__(self) -> str:
-        head = (f"choose_pattern: target >= {self.min_speedup:g}x at N={self.tokens}; speedups from {self.source}\n"
+        head = (f"choose_pattern: target >= {self.min_speedup:g}x at N={self.tokens}, proxy {self.proxy!r}; "
+                f"speedups from {self.source}\n"
                 f"chosen: {self.pattern if self.pattern else 'per layer'}  (model speedup {self.speedup:.2f}x, "
                 f"kept importance {self.kept:.4f})")
         lines = [head]
@@ -266,12 +341,26 @@ def _check_layer_scores(layer_scores) -> Dict[str, torch.Tensor]:
     return out
 
 
+PROXIES = ("kept", "diversity")
+
+
 def _rank_key(c: Candidate):
     p = as_pattern(c.pattern)
-    return (-c.log_md, p.M, p.V)
+    return (-c.log_md, p.M, p.V or 1)  # plain N:M counts as V = 1
 
 
-def _pick(cands: List[Candidate], tolerance: float) -> Candidate:
+def _most_diverse(cands: List[Candidate]) -> List[Candidate]:
+    """The candidates of maximal ln MD per weight (equal up to float round-off: V:2:4 and 2:4)."""
+    best = max(c.log_md for c in cands)
+    return [c for c in cands if math.isclose(c.log_md, best, rel_tol=1e-12)]
+
+
+def _pick(cands: List[Candidate], proxy: str, tolerance: float) -> Candidate:
+    """The winner among survivors whose ``kept`` is set (for "diversity": those :func:`_most_diverse` returns)."""
+    if proxy == "diversity":
+        tied = _most_diverse(cands)
+        best_kept = max(c.kept for c in tied)
+        return min((c for c in tied if c.kept == best_kept), key=_rank_key)
     best_kept = max(c.kept for c in cands)
     near = [c for c in cands if c.kept >= best_kept - tolerance]
     return min(near, key=_rank_key)
@@ -285,18 +374,25 @@ def choose_pattern(
     per_layer: bool = False,
     *,
     tokens: int = DEFAULT_TOKENS,
+    proxy: str = "kept",
     tolerance: float = 0.002,
+    dtype: Union[None, str, torch.dtype] = None,
+    gpu: Optional[str] = None,
     backend: str = "auto",
     progress: bool = True,
 ) -> PatternChoice:
     """Choose the V:N:M pattern (one for the model, or one per layer) that meets ``min_speedup``
-    and keeps the most importance (rule, speedup sources and lookup in the module doc).
+    and is best by the accuracy ``proxy`` (rules, speedup sources and lookup in the module doc).
 
     ``layer_scores``: ``{name: R x K scores}``, e.g. ``vnm.layer_scores(model, "wanda", stats)``.
     ``min_speedup``: target over dense at ``tokens`` tokens per matmul (N). ``candidates``:
     patterns to consider. ``speedup_table``: CSV path / ``"model"`` / None (see module doc).
     ``per_layer``: choose each layer's pattern separately (each layer must meet the target);
-    otherwise one pattern whose whole-model speedup meets it.
+    otherwise one pattern whose whole-model speedup meets it. ``proxy``: ``"kept"`` (default:
+    kept importance, mask diversity within ``tolerance``) or ``"diversity"`` (the paper's phase 2
+    as its reviewers describe it: maximal mask diversity, ties by kept importance).
+    ``dtype`` / ``gpu``: which rows of the speedup table to use (default 'float16'; see
+    :class:`SpeedupTable`).
 
     Raises ``ValueError`` when no candidate meets the target (naming the best available), when
     scores hold NaN/Inf, or for bad arguments.
@@ -306,10 +402,13 @@ def choose_pattern(
         raise ValueError(f"min_speedup must be a positive number (e.g. 1.5 for 1.5x dense), got {min_speedup!r}")
     if not isinstance(tokens, int) or tokens <= 0:
         raise ValueError(f"tokens must be a positive int (N, tokens per matmul), got {tokens!r}")
+    if proxy not in PROXIES:
+        raise ValueError(f"proxy must be one of {PROXIES} ('kept': kept importance first; 'diversity': the "
+                         f"paper's mask diversity first), got {proxy!r}")
     pats = [str(as_pattern(c)) for c in candidates]
     if not pats:
         raise ValueError("candidates is empty")
-    table = resolve_speedup_table(speedup_table)
+    table = resolve_speedup_table(speedup_table, dtype=dtype, gpu=gpu)
     source = table.source if table is not None else MODEL_SOURCE
     shapes = {name: tuple(s.shape) for name, s in scores.items()}
     work = {name: R * K for name, (R, K) in shapes.items()}
@@ -357,19 +456,21 @@ def choose_pattern(
                 f"no candidate reaches {min_speedup:g}x over dense at N={tokens} ({source}); the best available "
                 f"is {best.pattern} at {best.speedup:.2f}x. Lower min_speedup or add candidates with larger M"
             )
-        bar = tqdm(total=len(survivors) * len(shapes), desc="choose_pattern: kept importance",
+        # The "diversity" proxy needs kept importance only to break ties in mask diversity.
+        measure = _most_diverse(survivors) if proxy == "diversity" else survivors
+        bar = tqdm(total=len(measure) * len(shapes), desc="choose_pattern: kept importance",
                    disable=not progress, leave=False)
-        for c in survivors:
+        for c in measure:
             acc = 0.0
             for name in shapes:
                 acc += work[name] * kept(c.pattern, name)
                 bar.update(1)
             c.kept = acc / total_work
         bar.close()
-        chosen = _pick(survivors, tolerance)
+        chosen = _pick(measure, proxy, tolerance)
         assign = {n: chosen.pattern for n in shapes}
         return PatternChoice(chosen.pattern, assign, whole_model(assign), chosen.kept, float(min_speedup), tokens,
-                             source, False, candidates=glob)
+                             source, False, candidates=glob, proxy=proxy)
 
     # Per layer: each layer meets the target on its own.
     per: Dict[str, List[Candidate]] = {}
@@ -390,20 +491,21 @@ def choose_pattern(
             f"{shapes[name][0]}x{shapes[name][1]} ({source}); {best_txt}{more}. Lower min_speedup, add candidates "
             "with larger M, or choose globally (per_layer=False)"
         )
-    bar = tqdm(total=sum(sum(c.meets for c in cs) for cs in per.values()), desc="choose_pattern: kept importance",
+    measure = {name: (_most_diverse if proxy == "diversity" else list)([c for c in cs if c.meets])
+               for name, cs in per.items()}
+    bar = tqdm(total=sum(len(cs) for cs in measure.values()), desc="choose_pattern: kept importance",
                disable=not progress, leave=False)
     assign = {}
-    for name, cs in per.items():
+    for name, cs in measure.items():
         for c in cs:
-            if c.meets:
-                c.kept = kept(c.pattern, name)
-                bar.update(1)
-        assign[name] = _pick([c for c in cs if c.meets], tolerance).pattern
+            c.kept = kept(c.pattern, name)
+            bar.update(1)
+        assign[name] = _pick(cs, proxy, tolerance).pattern
     bar.close()
     kept_total = sum(work[n] * kept(assign[n], n) for n in shapes) / total_work
     return PatternChoice(None, assign, whole_model(assign), kept_total, float(min_speedup), tokens, source, True,
-                         layer_candidates=per)
+                         layer_candidates=per, proxy=proxy)
 
 
 __all__ = ["choose_pattern", "PatternChoice", "Candidate", "SpeedupTable", "model_speedup", "log_mask_diversity",
-           "DEFAULT_CANDIDATES", "resolve_speedup_table"]
+           "DEFAULT_CANDIDATES", "resolve_speedup_table", "PROXIES"]

@@ -2,7 +2,9 @@
 
 ``vnm.report(model, "64:2:8", score="wanda", stats=stats)`` prints one row per layer with the
 fraction of the layer's score that the exact mask keeps (kept score / total score) and returns the
-numbers; ``plot="kept.png"`` also saves kept importance against sparsity for 2:4, 4:8, 2:8 and
+numbers; ``vnm.report(scores, choice.patterns)`` reports the patterns a
+:func:`vnm.choose_pattern` result assigned, one per layer (global or per-layer choice);
+``plot="kept.png"`` also saves kept importance against sparsity for 2:4, 4:8, 2:8 and
 V:2:M over several V and M (matplotlib, Agg backend).
 """
 
@@ -24,26 +26,34 @@ from .pruning import kept_fraction, layer_scores
 PLOT_VS = (16, 64, 128)
 PLOT_MS = (4, 5, 6, 8, 10, 12, 16)
 PLOT_NM = ("2:4", "4:8", "2:8")
+PER_LAYER = "per layer"  # the column of a report on {layer: pattern}
 
 
 @dataclass
 class KeptReport:
     """Kept importance per pattern: ``kept[pattern][layer]`` and the parameter-weighted
-    ``overall[pattern]`` (each layer weighted by R * K); ``plot`` is the saved figure, if any."""
+    ``overall[pattern]`` (each layer weighted by R * K); ``plot`` is the saved figure, if any.
+    For a report on ``{layer: pattern}`` the column is ``"per layer"`` and ``layer_patterns``
+    says which pattern each layer was measured with."""
 
     kept: Dict[str, Dict[str, float]]
     overall: Dict[str, float]
     shapes: Dict[str, tuple]
     plot: Optional[Path] = None
     curve: Dict[str, float] = field(default_factory=dict)  # pattern -> overall kept, for the plot
+    layer_patterns: Dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         pats = list(self.kept)
-        width = max([len("layer")] + [len(n) for n in self.shapes])
-        lines = [f"{'layer':<{width}} {'R x K':>11} " + " ".join(f"{p:>9}" for p in pats)]
+        width = max([len("layer"), len("overall (weighted by R*K)")] + [len(n) for n in self.shapes])
+        pw = max([len("pattern")] + [len(p) for p in self.layer_patterns.values()])
+        pcol = (lambda text: f" {text:>{pw}}") if self.layer_patterns else (lambda text: "")
+        lines = [f"{'layer':<{width}} {'R x K':>11}{pcol('pattern')} " + " ".join(f"{p:>9}" for p in pats)]
         for name, (R, K) in self.shapes.items():
-            lines.append(f"{name:<{width}} {f'{R}x{K}':>11} " + " ".join(f"{self.kept[p][name]:9.4f}" for p in pats))
-        lines.append(f"{'overall (weighted by R*K)':<{width}} {'':>11} " + " ".join(f"{self.overall[p]:9.4f}" for p in pats))
+            lines.append(f"{name:<{width}} {f'{R}x{K}':>11}{pcol(self.layer_patterns.get(name, ''))} "
+                         + " ".join(f"{self.kept[p][name]:9.4f}" for p in pats))
+        lines.append(f"{'overall (weighted by R*K)':<{width}} {'':>11}{pcol('')} "
+                     + " ".join(f"{self.overall[p]:9.4f}" for p in pats))
         return "\n".join(lines)
 
 
@@ -69,7 +79,7 @@ def plot_patterns() -> List[str]:
 
 def report(
     model_or_scores: Union[nn.Module, Mapping[str, torch.Tensor]],
-    pattern: Union[PatternLike, Sequence[PatternLike]] = "64:2:8",
+    pattern: Union[PatternLike, Sequence[PatternLike], Mapping[str, PatternLike]] = "64:2:8",
     *,
     score="magnitude",
     stats=None,
@@ -80,8 +90,9 @@ def report(
     progress: bool = True,
     **score_options,
 ) -> KeptReport:
-    """Per-layer kept importance under ``pattern`` (one pattern or a list), printed as a table
-    (``print_fn=None`` for silence) and returned as a :class:`KeptReport`.
+    """Per-layer kept importance under ``pattern`` (one pattern, a list, or ``{layer: pattern}``
+    such as ``choice.patterns`` of :func:`vnm.choose_pattern`, which must name exactly the scored
+    layers), printed as a table (``print_fn=None`` for silence) and returned as a :class:`KeptReport`.
 
     ``model_or_scores``: a model (scored with ``score`` and ``stats`` as in
     :func:`vnm.layer_scores`) or ``{name: R x K scores}``. ``plot``: path of a PNG of overall
@@ -89,13 +100,19 @@ def report(
     plain N:M patterns).
     """
     sc = _scores_of(model_or_scores, score, stats, layers, score_options)
-    pats = [str(as_pattern(p)) for p in ([pattern] if isinstance(pattern, str) or not isinstance(pattern, Sequence) else pattern)]
     shapes = {n: tuple(s.shape) for n, s in sc.items()}
     kept: Dict[str, Dict[str, float]] = {}
-    for p in pats:
-        kept[p] = {n: kept_fraction(s, select_mask(s, p, backend=backend))
-                   for n, s in tqdm(sc.items(), desc=f"report {p}", disable=not progress, leave=False)}
-    rep = KeptReport(kept, {p: _overall(kept[p], shapes) for p in pats}, shapes)
+    layer_patterns: Dict[str, str] = {}
+    if isinstance(pattern, Mapping):
+        layer_patterns = _layer_patterns(pattern, sc)
+        kept[PER_LAYER] = {n: kept_fraction(s, select_mask(s, layer_patterns[n], backend=backend))
+                           for n, s in tqdm(sc.items(), desc="report per layer", disable=not progress, leave=False)}
+    else:
+        pats = [str(as_pattern(p)) for p in ([pattern] if isinstance(pattern, str) or not isinstance(pattern, Sequence) else pattern)]
+        for p in pats:
+            kept[p] = {n: kept_fraction(s, select_mask(s, p, backend=backend))
+                       for n, s in tqdm(sc.items(), desc=f"report {p}", disable=not progress, leave=False)}
+    rep = KeptReport(kept, {p: _overall(kept[p], shapes) for p in kept}, shapes, layer_patterns=layer_patterns)
     if print_fn is not None:
         print_fn(rep.table())
     if plot is not None:
@@ -105,6 +122,18 @@ def report(
             rep.curve[p] = _overall(per, shapes)
         rep.plot = _save_plot(rep.curve, Path(plot), score if isinstance(score, str) else "custom score")
     return rep
+
+
+def _layer_patterns(pattern: Mapping, sc: Mapping[str, torch.Tensor]) -> Dict[str, str]:
+    missing = [n for n in sc if n not in pattern]
+    extra = [n for n in pattern if n not in sc]
+    if missing or extra:
+        raise ValueError(
+            f"the pattern mapping must name exactly the reported layers: {len(missing)} scored layer(s) have no "
+            f"pattern {missing[:3]}, {len(extra)} pattern(s) name no scored layer {extra[:3]}. Report the scores "
+            "the choice was made on (vnm.report(scores, choice.patterns)), or pass layers=list(choice.patterns)"
+        )
+    return {n: str(as_pattern(pattern[n])) for n in sc}
 
 
 def _save_plot(curve: Mapping[str, float], path: Path, score_name: str) -> Path:

@@ -145,7 +145,10 @@ def entropy(weight: torch.Tensor, stats: Optional[ChannelStats], *, alpha: float
     above, the histogram estimator, the use of the RMS (so that ``alpha`` does not depend on
     how many calibration tokens were used), ``alpha = 1`` and the default bin count are this
     library's reconstruction, not the paper's confirmed formula. Treat results as "entropy-
-    weighted Wanda", and tune ``alpha`` / ``bins`` if you need to match the paper.
+    weighted Wanda", and tune ``alpha`` / ``bins`` if you need to match the paper. With the
+    default ``alpha = 1`` the entropy term (a few nats, similar for every channel) outweighs the
+    RMS, so masks come out close to magnitude masks: on all-MiniLM-L6-v2, 95.98 % of the 2:4 mask
+    entries agree with those of :func:`magnitude` (docs/scores.md has the command).
     """
     if not isinstance(alpha, (int, float)) or not (alpha >= 0):
         raise ValueError(f"entropy alpha must be a non-negative number, got {alpha!r}")
