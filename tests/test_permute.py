@@ -1,6 +1,9 @@
 """Permutation search (vnm.search_permutation) and zero-cost permutations of torch modules."""
 
+import _thread
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,24 +120,34 @@ def test_search_recovers_a_scrambled_sparse_matrix(pattern, R, K, rows, cols, ge
     assert res.converged
 
 
-def test_search_is_deterministic_for_a_seed_and_any_thread_count(gen):
-    # large enough that pairs and blocks run in parallel; ends by its round limit
-    scores = torch.rand(256, 512, generator=gen) * torch.exp(torch.randn(512, generator=gen))
+@pytest.mark.parametrize(
+    "R, K, pattern, rounds, kwargs",
+    [
+        (256, 512, "64:2:8", 25, {}),  # wide: pairs and blocks run in parallel
+        (2048, 64, "16:2:8", 4, {}),  # tall: row phases of hundreds of swaps among 128 blocks
+        (2048, 64, "16:2:8", 4, dict(row_segment=512)),
+    ],
+)
+def test_search_is_deterministic_for_a_seed_and_any_thread_count(R, K, pattern, rounds, kwargs, gen):
+    # ends by its round limit inside the budget: reproducible bit for bit
+    scores = torch.rand(R, K, generator=gen) * torch.exp(torch.randn(K, generator=gen))
     runs = []
     old = _C.num_threads()
     try:
         for threads in (1, 2, 2):
             _C.set_num_threads(threads)
-            runs.append(vnm.search_permutation(scores, "64:2:8", time_budget=60, seed=7, progress=False,
-                                               max_rounds=25))
+            runs.append(vnm.search_permutation(scores, pattern, time_budget=600, seed=7, progress=False,
+                                               max_rounds=rounds, **kwargs))
     finally:
         _C.set_num_threads(old)
-    assert all(r.rounds == 25 for r in runs)
+    assert all(r.rounds == rounds for r in runs)
+    assert not torch.equal(runs[0].row_perm, torch.arange(R))  # the rows did move
     for r in runs[1:]:
         assert torch.equal(r.row_perm, runs[0].row_perm) and torch.equal(r.col_perm, runs[0].col_perm)
         assert r.kept == runs[0].kept
-    other = vnm.search_permutation(scores, "64:2:8", time_budget=60, seed=8, progress=False, max_rounds=25)
-    assert not torch.equal(other.col_perm, runs[0].col_perm)
+    other = vnm.search_permutation(scores, pattern, time_budget=600, seed=8, progress=False,
+                                   max_rounds=rounds, **kwargs)
+    assert not (torch.equal(other.col_perm, runs[0].col_perm) and torch.equal(other.row_perm, runs[0].row_perm))
 
 
 def test_segments_are_mapped_onto_themselves(gen):
@@ -170,6 +183,62 @@ def test_time_budget_bounds_the_search(gen):
     assert res.seconds < 0.5 + 5  # one round and the final exact scoring on top (shared CI cores)
     zero = vnm.search_permutation(scores[:128, :256], "64:2:8", time_budget=0, progress=False)
     assert zero.rounds == 0 and zero.kept >= zero.kept_identity
+
+
+def test_time_budget_bounds_the_search_on_a_tall_matrix(gen):
+    # 16384 rows: a row phase makes thousands of swaps among 1024 row blocks; the clock must be
+    # read inside it, not only between rounds (it once took 40 s against a 0.2 s budget)
+    scores = torch.rand(16384, 64, generator=gen) ** 4
+    t0 = time.perf_counter()
+    res = vnm.search_permutation(scores, "16:2:8", time_budget=0.2, progress=False, patience=None)
+    wall = time.perf_counter() - t0
+    assert wall < 5  # budget, set-up and the final exact scoring, on 2 shared cores
+    assert is_permutation(res.row_perm, 16384) and is_permutation(res.col_perm, 64)
+    assert res.kept >= res.kept_identity
+    assert kept_by_select(res.apply(scores), "16:2:8") == pytest.approx(res.kept, rel=1e-9)
+
+
+def test_progress_callable_can_stop_a_tall_search_inside_its_row_phase(gen):
+    scores = torch.rand(16384, 64, generator=gen) ** 4
+    seen = []
+
+    def stop_at_second_call(info):
+        seen.append(info)
+        return len(seen) < 2
+
+    t0 = time.perf_counter()
+    res = vnm.search_permutation(scores, "16:2:8", time_budget=600, progress=stop_at_second_call, patience=None)
+    # the second call comes about 0.2 s after the first, from inside the first round (rows
+    # first); called only between rounds it came after the whole row phase (tens of seconds)
+    assert time.perf_counter() - t0 < 5 and len(seen) >= 2
+    assert res.kept >= res.kept_identity and is_permutation(res.row_perm, 16384)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_ctrl_c_stops_a_tall_search_with_keyboard_interrupt(progress, gen):
+    # Ctrl-C in Python sets a flag that the interpreter acts on at its next bytecode; the search
+    # runs without the GIL and calls into Python (the progress callback, or a no-op one) a few
+    # times a second, where KeyboardInterrupt is raised and propagates out of the search.
+    # _thread.interrupt_main has the same effect as the signal.
+    scores = torch.rand(16384, 64, generator=gen) ** 4
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vnm.search_permutation(scores, "16:2:8", time_budget=600, progress=progress, patience=None)
+    finally:
+        timer.cancel()
+        timer.join()
+    assert time.perf_counter() - t0 < 5
+
+
+def test_keyboard_interrupt_raised_by_the_progress_callable_propagates(gen):
+    def interrupt(info):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vnm.search_permutation(torch.rand(64, 64, generator=gen), "16:2:8", time_budget=5, progress=interrupt)
 
 
 def test_progress_callable_sees_the_search_and_can_stop_it(gen):
@@ -221,6 +290,9 @@ def test_progress_bar_runs(gen, capsys):
         (dict(patience=-2), ValueError, "patience"),
         (dict(col_segment=7), ValueError, "col_segment must be 0 .* divide the column count 48"),
         (dict(row_segment=8), ValueError, "row_segment must be 0 .* a multiple of V=16"),
+        # checked alike where rows never move
+        (dict(pattern="16:2:4", row_segment=8), ValueError, "row_segment must be 0 .* a multiple of V=16"),
+        (dict(pattern="2:4", row_segment=7), ValueError, "row_segment must be 0 .* divide the row count 32"),
         (dict(progress="yes"), TypeError, "progress must be"),
     ],
 )
