@@ -129,14 +129,14 @@ def test_search_recovers_a_scrambled_sparse_matrix(pattern, R, K, rows, cols, ge
     ],
 )
 def test_search_is_deterministic_for_a_seed_and_any_thread_count(R, K, pattern, rounds, kwargs, gen):
-    # ends by its round limit inside the budget: reproducible bit for bit
+    # ends by its round limit, with no wall-clock limit: reproducible bit for bit
     scores = torch.rand(R, K, generator=gen) * torch.exp(torch.randn(K, generator=gen))
     runs = []
     old = _C.num_threads()
     try:
         for threads in (1, 2, 2):
             _C.set_num_threads(threads)
-            runs.append(vnm.search_permutation(scores, pattern, time_budget=600, seed=7, progress=False,
+            runs.append(vnm.search_permutation(scores, pattern, time_budget=None, seed=7, progress=False,
                                                max_rounds=rounds, **kwargs))
     finally:
         _C.set_num_threads(old)
@@ -145,9 +145,22 @@ def test_search_is_deterministic_for_a_seed_and_any_thread_count(R, K, pattern, 
     for r in runs[1:]:
         assert torch.equal(r.row_perm, runs[0].row_perm) and torch.equal(r.col_perm, runs[0].col_perm)
         assert r.kept == runs[0].kept
-    other = vnm.search_permutation(scores, pattern, time_budget=600, seed=8, progress=False,
+    # a budget the search does not reach gives the same result as no budget
+    budgeted = vnm.search_permutation(scores, pattern, time_budget=600, seed=7, progress=False,
+                                      max_rounds=rounds, **kwargs)
+    assert torch.equal(budgeted.row_perm, runs[0].row_perm) and torch.equal(budgeted.col_perm, runs[0].col_perm)
+    other = vnm.search_permutation(scores, pattern, time_budget=None, seed=8, progress=False,
                                    max_rounds=rounds, **kwargs)
     assert not (torch.equal(other.col_perm, runs[0].col_perm) and torch.equal(other.row_perm, runs[0].row_perm))
+
+
+def test_numpy_numbers_are_accepted_for_seed_rounds_and_budget(gen):
+    scores = torch.rand(64, 64, generator=gen)
+    plain = vnm.search_permutation(scores, "16:2:8", time_budget=60, seed=3, progress=False, max_rounds=6,
+                                   patience=2, col_segment=32)
+    numpy = vnm.search_permutation(scores, "16:2:8", time_budget=np.float32(60), seed=np.uint64(3), progress=False,
+                                   max_rounds=np.int64(6), patience=np.int32(2), col_segment=np.int16(32))
+    assert torch.equal(plain.row_perm, numpy.row_perm) and torch.equal(plain.col_perm, numpy.col_perm)
 
 
 def test_segments_are_mapped_onto_themselves(gen):
@@ -270,6 +283,29 @@ def test_progress_bar_runs(gen, capsys):
     assert res.kept >= res.kept_identity
 
 
+def test_progress_bar_shows_a_small_budget(gen, capsys):
+    vnm.search_permutation(torch.rand(64, 64, generator=gen), "16:2:8", time_budget=0.05, patience=None)
+    err = capsys.readouterr().err
+    assert "/0.05 s" in err and "/0.0 s" not in err
+    vnm.search_permutation(torch.rand(64, 64, generator=gen), "16:2:8", time_budget=None, max_rounds=3,
+                           patience=None)
+    assert "/3 rounds" in capsys.readouterr().err
+
+
+def test_float64_scores_beyond_float32_range_name_the_conversion():
+    scores = torch.rand(32, 48, dtype=torch.float64)
+    scores[3, 5] = 1e300
+    with pytest.raises(ValueError, match=r"converted to float32.*1e\+300 at \(3, 5\) overflows.*divide the scores"):
+        vnm.search_permutation(scores, "16:2:8", time_budget=1, progress=False)
+    with pytest.raises(ValueError, match="converted to float32"):
+        vnm.kept_score(scores, "2:4")
+    # representable float64 scores are fine, and inf stays the plain error
+    assert vnm.kept_score(scores.clamp(max=1.0), "2:4") > 0
+    scores[3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"finite and non-negative.*\(3, 5\)"):
+        vnm.kept_score(scores, "2:4")
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -285,8 +321,13 @@ def test_progress_bar_runs(gen, capsys):
         (dict(time_budget=-1), ValueError, "time_budget must be a finite number of seconds >= 0"),
         (dict(time_budget=float("nan")), ValueError, "time_budget"),
         (dict(time_budget="1"), TypeError, "time_budget must be a number"),
+        (dict(time_budget=None), ValueError, "time_budget=None needs max_rounds"),
         (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=True), TypeError, "seed must be an int"),
+        (dict(seed=np.bool_(True)), TypeError, "seed must be an int"),
+        (dict(seed=1.0), TypeError, "seed must be an int"),
         (dict(max_rounds=0), ValueError, "max_rounds must be >= 1"),
+        (dict(max_rounds=2.5), TypeError, "max_rounds must be an int or None, got float"),
         (dict(patience=-2), ValueError, "patience"),
         (dict(col_segment=7), ValueError, "col_segment must be 0 .* divide the column count 48"),
         (dict(row_segment=8), ValueError, "row_segment must be 0 .* a multiple of V=16"),

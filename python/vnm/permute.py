@@ -24,6 +24,8 @@ Why a permutation is free. For ``y = x @ W.T`` with W permuted to ``W[row_perm][
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -129,26 +131,56 @@ def _scores_f32(scores: torch.Tensor) -> torch.Tensor:
     require_2d(scores, "scores")
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
-    return scores.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    s = scores.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if scores.dtype == torch.float64 and bool(torch.isinf(s).any()):
+        overflowed = torch.isinf(s) & torch.isfinite(scores.detach().cpu())
+        if bool(overflowed.any()):
+            r, c = (int(i) for i in overflowed.nonzero()[0])
+            raise ValueError(
+                f"scores are converted to float32 for the search, and the score {float(scores[r, c]):g} at "
+                f"({r}, {c}) overflows it (float32 holds up to {torch.finfo(torch.float32).max:.4g}); divide "
+                "the scores by a positive constant first (e.g. scores / scores.max()): scaling all scores "
+                "alike does not change which permutation or mask is best"
+            )
+    return s
+
+
+def _as_int(value, name: str, what: str = "an int") -> int:
+    """``value`` as an int: anything with ``__index__`` (int, numpy integers) but not a bool."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
 
 
 def _optional_int(value, name: str, minimum: int) -> int:
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    value = _as_int(value, name, "an int or None")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum} (or None), got {value}")
     return value
 
 
+def _seconds_decimals(seconds: float) -> int:
+    """Decimals that show ``seconds`` as more than zero: 1 from 0.1 s up, 2 for 0.05 s, ..."""
+    if seconds <= 0:
+        return 1
+    return min(6, max(1, -math.floor(math.log10(seconds))))
+
+
 ProgressLike = Union[bool, Callable[[dict], Optional[bool]]]
+
+# time_budget=None: the round limit ends the search (a budget of about 31 years)
+_UNLIMITED_SECONDS = 1e9
 
 
 def search_permutation(
     scores: torch.Tensor,
     pattern: PatternLike,
-    time_budget: float = 10.0,
+    time_budget: Optional[float] = 10.0,
     seed: int = 0,
     progress: ProgressLike = True,
     *,
@@ -164,21 +196,40 @@ def search_permutation(
 
     ``pattern``: a V:2:M pattern (rows and columns are permuted) or 2:M such as '2:4' (columns
     only: every row keeps its own best values per group, so the row order changes nothing and
-    ``row_perm`` is the identity). The search runs in C++ on all cores (``vnm`` threads) for at
-    most ``time_budget`` seconds (plus one round and a final exact check), and stops earlier at a
-    local optimum that ``patience`` random escapes in a row did not improve (``None``: search the
-    whole budget). ``max_rounds`` bounds the rounds instead: a run that ends by its round limit is
-    reproducible bit for bit for the same inputs and ``seed``, whatever the thread count.
+    ``row_perm`` is the identity; V:2:4 likewise). The search runs in C++ on all cores (``vnm``
+    threads) until ``time_budget`` seconds have passed, ``max_rounds`` rounds are done, or a
+    local optimum was not improved by ``patience`` random escapes in a row (``None``: no such
+    stop), whichever comes first. The budget bounds the search itself: the set-up before it and
+    the exact scoring of the identity, of a random permutation and of the result after it come
+    on top, and grow with the size of the matrix. Inside a round the search looks at the clock
+    every 64 row swaps, between batches of its row-phase tables and before every column pair,
+    so it ends soon after the budget also on tall matrices.
 
-    ``progress``: ``True`` shows a tqdm bar (elapsed time against the budget, and the gain);
-    ``False`` nothing; a callable receives a dict (``elapsed``, ``rounds``, ``escapes``,
-    ``kept_identity``, ``kept_best``, ``gain``) a few times a second and may return ``False`` to
-    stop (the best permutation so far is returned); an exception it raises propagates.
+    **Reproducible results: use** ``max_rounds`` (e.g. ``time_budget=None, max_rounds=200``).
+    A search that ends by its round limit (or by ``patience``) before the budget runs out
+    returns the same permutations, bit for bit, for the same scores, pattern, options and
+    ``seed``, whatever the number of threads or the load of the machine. A search that the
+    wall-clock budget ends is not reproducible: how far it gets depends on the machine's speed
+    at the time. ``time_budget=None`` means no wall-clock limit and needs ``max_rounds``.
+
+    ``progress``: ``True`` shows a tqdm bar (elapsed time against the budget, or rounds against
+    ``max_rounds`` when ``time_budget=None``, and the gain); ``False`` nothing; a callable
+    receives a dict (``elapsed``, ``rounds``, ``escapes``, ``kept_identity``, ``kept_best``,
+    ``gain``) about every 0.2 s and may return ``False`` to stop (the best permutation so far
+    is returned); an exception it raises propagates. The search runs without the GIL and calls
+    into Python at those moments whatever ``progress`` is, and that is where Ctrl-C is seen: it
+    raises ``KeyboardInterrupt`` out of this function, at the latest when the step in progress
+    ends (the set-up, a column round, re-scoring every block after an escape, or the final
+    scoring; on a matrix with thousands of rows and columns each can take a second or more).
 
     ``col_segment`` / ``row_segment``: keep every consecutive segment of that many columns / rows
     in place (the permutation maps it onto itself), e.g. ``col_segment=head_dim`` for the input
     columns of an attention output projection. A column segment must divide K (it need not be a
-    multiple of M: head_dim 64 works with 64:2:5); a row segment must be a multiple of V.
+    multiple of M: head_dim 64 works with 64:2:5); a row segment must divide R and, for a V:N:M
+    pattern, be a multiple of V (checked even for V:2:4, whose rows never move).
+
+    ``scores`` of any floating dtype are converted to float32 for the search; float64 scores
+    beyond float32's range are an error (divide them by a constant first).
 
     The result is never worse than the identity: both are scored exactly at the end and the
     identity is returned unless it is beaten.
@@ -186,13 +237,22 @@ def search_permutation(
     p = as_pattern(pattern)
     s = _scores_f32(scores)
     R, K = s.shape
-    if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)):
-        raise TypeError(f"time_budget must be a number of seconds, got {type(time_budget).__name__}")
-    if not math.isfinite(time_budget) or time_budget < 0:
-        raise ValueError(f"time_budget must be a finite number of seconds >= 0, got {time_budget}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     rounds = _optional_int(max_rounds, "max_rounds", 1)
+    if time_budget is None:
+        if rounds == 0:
+            raise ValueError("time_budget=None needs max_rounds to end the search (e.g. max_rounds=200)")
+        budget = _UNLIMITED_SECONDS
+    else:
+        if isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real):
+            raise TypeError(
+                f"time_budget must be a number of seconds or None, got {type(time_budget).__name__}")
+        budget = float(time_budget)
+        if not math.isfinite(budget) or budget < 0:
+            raise ValueError(
+                f"time_budget must be a finite number of seconds >= 0 (or None), got {time_budget}")
+    seed = _as_int(seed, "seed")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if patience is None:
         patience_value = -1
     else:
@@ -207,13 +267,23 @@ def search_permutation(
     if progress is True:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=round(float(time_budget), 1), unit="s", desc=f"permutation {p} {R}x{K}",
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s{postfix}")
+        desc = f"permutation {p} {R}x{K}"
+        if time_budget is None:  # no clock to show: rounds against the round limit
+            bar = tqdm(total=rounds, unit="round", desc=desc,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} rounds{postfix}")
+        else:
+            d = _seconds_decimals(budget)  # so that a 0.05 s budget does not show as 0.0 s
+            bar = tqdm(total=budget, unit="s", desc=desc,
+                       bar_format=f"{{desc}}: {{percentage:3.0f}}%|{{bar}}| {{n:.{d}f}}/{{total:.{d}f}} s{{postfix}}")
 
         def callback(elapsed, n_rounds, escapes, kept_identity, kept_best):
-            bar.n = round(min(elapsed, float(time_budget)), 1)
             gain = kept_best / kept_identity - 1.0 if kept_identity > 0 else 0.0
-            bar.set_postfix_str(f"gain {gain:+.3%}, {n_rounds} rounds", refresh=False)
+            if time_budget is None:
+                bar.n = n_rounds
+                bar.set_postfix_str(f"gain {gain:+.3%}", refresh=False)
+            else:
+                bar.n = min(elapsed, budget)
+                bar.set_postfix_str(f"gain {gain:+.3%}, {n_rounds} rounds", refresh=False)
             bar.refresh()
             return True
 
@@ -237,7 +307,7 @@ def search_permutation(
     info = None
     try:
         info = _C.search_permutation(
-            s, R, K, p, float(time_budget), int(seed), rounds, patience_value, bool(permute_rows),
+            s, R, K, p, budget, seed, rounds, patience_value, bool(permute_rows),
             bool(permute_cols), col_seg, row_seg, callback, row_perm, col_perm,
         )
     finally:
