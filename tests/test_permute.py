@@ -415,6 +415,21 @@ def test_attention_value_permutation_within_heads_changes_nothing(gen):
         vnm.permute_attention_values(att.v, att.o, across, head_dim=8)
 
 
+def test_gpt2_conv1d_mlp_permutation_changes_nothing(gen):
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    c_fc, c_proj = conv1d(40, 24).double(), conv1d(24, 40).double()  # Conv1D(out, in): weight (in, out)
+    c_fc.requires_grad_(False)
+    c_proj.requires_grad_(False)
+    x = torch.randn(5, 24, dtype=torch.double)
+    y = c_proj(torch.nn.functional.gelu(c_fc(x)))
+    w_fc = c_fc.weight.clone()
+    perm = torch.randperm(40, generator=gen)
+    vnm.permute_between(c_fc, c_proj, perm)
+    assert rel_err(c_proj(torch.nn.functional.gelu(c_fc(x))), y) < 1e-13
+    assert torch.equal(c_fc.weight, w_fc[:, perm])  # the output features are Conv1D's weight columns
+
+
 def test_linear_permutations_and_their_inverse(gen):
     torch.manual_seed(0)
     lin = torch.nn.Linear(12, 20).double().requires_grad_(False)
@@ -438,6 +453,8 @@ def test_linear_permutations_and_their_inverse(gen):
         (lambda lin: vnm.permute_linear_cols(lin, torch.arange(12.0)), TypeError, "integer tensor"),
         (lambda lin: vnm.permute_linear_rows(torch.nn.ReLU(), torch.arange(3)), TypeError, "nn.Linear"),
         (lambda lin: vnm.permute_between(lin, lin, torch.arange(20)), ValueError, "takes 12 inputs"),
+        (lambda lin: vnm.permute_attention_values(torch.nn.Linear(12, 8), lin, torch.arange(12), 4), ValueError,
+         "v_proj emits 8 features but o_proj takes 12: with grouped-query attention"),
         (lambda lin: vnm.invert_permutation(torch.tensor([0, 0])), ValueError, "not a permutation"),
     ],
 )

@@ -33,6 +33,7 @@ import torch
 
 from ._checks import require_2d
 from ._native import _C
+from .layers import is_prunable, weight_matrix
 from .pattern import Pattern, PatternLike, as_pattern
 
 __all__ = [
@@ -372,30 +373,32 @@ def is_head_preserving(perm: torch.Tensor, head_dim: int) -> bool:
 
 
 @torch.no_grad()
-def permute_linear_rows(linear: torch.nn.Linear, perm: torch.Tensor) -> torch.nn.Linear:
-    """Reorder the output features of ``linear`` in place: afterwards it computes
-    ``old(x)[..., perm]`` (weight rows and bias permuted). Returns the layer."""
-    _require_linear(linear, "linear")
-    p = check_permutation(perm, linear.out_features).to(linear.weight.device)
-    linear.weight.copy_(linear.weight[p])
+def permute_linear_rows(linear: torch.nn.Module, perm: torch.Tensor) -> torch.nn.Module:
+    """Reorder the output features of ``linear`` (an ``nn.Linear`` or a GPT-2 ``Conv1D``) in
+    place: afterwards it computes ``old(x)[..., perm]`` (weight rows and bias permuted). Returns
+    the layer."""
+    w = _weight_rows_by_cols(linear, "linear")
+    p = check_permutation(perm, w.shape[0]).to(w.device)
+    w.copy_(w[p])
     if linear.bias is not None:
         linear.bias.copy_(linear.bias[p])
     return linear
 
 
 @torch.no_grad()
-def permute_linear_cols(linear: torch.nn.Linear, perm: torch.Tensor) -> torch.nn.Linear:
-    """Reorder the input features of ``linear`` in place: afterwards it expects the permuted
-    input, ``new(x[..., perm]) == old(x)``. Returns the layer."""
-    _require_linear(linear, "linear")
-    p = check_permutation(perm, linear.in_features).to(linear.weight.device)
-    linear.weight.copy_(linear.weight[:, p])
+def permute_linear_cols(linear: torch.nn.Module, perm: torch.Tensor) -> torch.nn.Module:
+    """Reorder the input features of ``linear`` (an ``nn.Linear`` or a GPT-2 ``Conv1D``) in
+    place: afterwards it expects the permuted input, ``new(x[..., perm]) == old(x)``. Returns
+    the layer."""
+    w = _weight_rows_by_cols(linear, "linear")
+    p = check_permutation(perm, w.shape[1]).to(w.device)
+    w.copy_(w[:, p])
     return linear
 
 
 def permute_between(
-    producers: Union[torch.nn.Linear, Sequence[torch.nn.Linear]],
-    consumers: Union[torch.nn.Linear, Sequence[torch.nn.Linear]],
+    producers: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+    consumers: Union[torch.nn.Module, Sequence[torch.nn.Module]],
     perm: torch.Tensor,
 ) -> None:
     """Permute the features that flow from ``producers`` to ``consumers`` without changing what
@@ -407,46 +410,54 @@ def permute_between(
     permutation the search found for ``down``, ``down``'s weight columns come out in its searched
     order and no gather is needed; with ``perm`` a row permutation searched for ``up`` (and
     ``gate``), ``down`` absorbs it. Attention needs :func:`permute_attention_values`.
+
+    Producers and consumers are whole layers, each an ``nn.Linear`` or a GPT-2 ``Conv1D`` (its
+    weight is stored transposed; GPT-2's ``mlp.c_fc`` -> ``mlp.c_proj`` works). A producer that
+    emits the features in a slice of its rows (a fused QKV projection) is not handled here:
+    :func:`vnm.sparsify` permutes those itself.
     """
     producers = [producers] if isinstance(producers, torch.nn.Module) else list(producers)
     consumers = [consumers] if isinstance(consumers, torch.nn.Module) else list(consumers)
     if not producers or not consumers:
         raise ValueError("permute_between needs at least one producer and one consumer")
-    for i, lin in enumerate(producers):
-        _require_linear(lin, f"producers[{i}]")
-    for i, lin in enumerate(consumers):
-        _require_linear(lin, f"consumers[{i}]")
-    n = producers[0].out_features
-    for i, lin in enumerate(producers):
-        if lin.out_features != n:
-            raise ValueError(f"producers[{i}] has {lin.out_features} outputs but producers[0] has {n}")
-    for i, lin in enumerate(consumers):
-        if lin.in_features != n:
-            raise ValueError(
-                f"consumers[{i}] takes {lin.in_features} inputs but the producers emit {n} features"
-            )
+    outs = [_weight_rows_by_cols(m, f"producers[{i}]").shape[0] for i, m in enumerate(producers)]
+    ins = [_weight_rows_by_cols(m, f"consumers[{i}]").shape[1] for i, m in enumerate(consumers)]
+    n = outs[0]
+    for i, out in enumerate(outs):
+        if out != n:
+            raise ValueError(f"producers[{i}] has {out} outputs but producers[0] has {n}")
+    for i, k in enumerate(ins):
+        if k != n:
+            raise ValueError(f"consumers[{i}] takes {k} inputs but the producers emit {n} features")
     check_permutation(perm, n)
-    for lin in producers:
-        permute_linear_rows(lin, perm)
-    for lin in consumers:
-        permute_linear_cols(lin, perm)
+    for m in producers:
+        permute_linear_rows(m, perm)
+    for m in consumers:
+        permute_linear_cols(m, perm)
 
 
 def permute_attention_values(
-    v_proj: torch.nn.Linear, o_proj: torch.nn.Linear, perm: torch.Tensor, head_dim: int
+    v_proj: torch.nn.Module, o_proj: torch.nn.Module, perm: torch.Tensor, head_dim: int
 ) -> None:
     """Permute the value features of attention: ``v_proj``'s output rows and ``o_proj``'s input
     columns by ``perm``, in place. ``perm`` must map every head's ``head_dim`` features onto
     themselves (search it with ``search_permutation(..., col_segment=head_dim)`` on ``o_proj``),
-    since attention weights combine one head's values only. Grouped-query attention (fewer value
-    heads than query heads, ``v_proj.out_features != o_proj.in_features``) is not handled."""
-    _require_linear(v_proj, "v_proj")
-    _require_linear(o_proj, "o_proj")
-    p = check_permutation(perm, o_proj.in_features)
-    if v_proj.out_features != o_proj.in_features:
+    since attention weights combine one head's values only.
+
+    Handles separate value and output projections with as many value heads as query heads, each
+    layer an ``nn.Linear`` (or a GPT-2 ``Conv1D``). Not handled here: grouped-query attention
+    (fewer value heads than query heads, ``v_proj``'s outputs fewer than ``o_proj``'s inputs: one
+    value permutation must then serve the ``o_proj`` columns of several query heads) and fused
+    QKV projections (GPT-2's ``c_attn``, whose value features are a slice of its rows).
+    :func:`vnm.sparsify` finds and permutes both kinds itself."""
+    v_out = _weight_rows_by_cols(v_proj, "v_proj").shape[0]
+    o_in = _weight_rows_by_cols(o_proj, "o_proj").shape[1]
+    p = check_permutation(perm, o_in)
+    if v_out != o_in:
         raise ValueError(
-            f"v_proj emits {v_proj.out_features} features but o_proj takes {o_proj.in_features}: "
-            "with grouped-query attention permute per value head (not supported here)"
+            f"v_proj emits {v_out} features but o_proj takes {o_in}: with grouped-query attention "
+            "one value head serves several query heads, which this helper does not handle "
+            "(vnm.sparsify does)"
         )
     if not is_head_preserving(p, head_dim):
         raise ValueError(
@@ -457,6 +468,8 @@ def permute_attention_values(
     permute_linear_cols(o_proj, p)
 
 
-def _require_linear(m, what: str) -> None:
-    if not isinstance(m, torch.nn.Linear):
-        raise TypeError(f"{what} must be a torch.nn.Linear, got {type(m).__name__}")
+def _weight_rows_by_cols(m, what: str) -> torch.Tensor:
+    """The layer's weight as an R x K view (output x input features), or TypeError."""
+    if not is_prunable(m):
+        raise TypeError(f"{what} must be a torch.nn.Linear or a GPT-2 Conv1D, got {type(m).__name__}")
+    return weight_matrix(m)
