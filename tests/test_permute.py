@@ -1,6 +1,9 @@
 """Permutation search (vnm.search_permutation) and zero-cost permutations of torch modules."""
 
+import _thread
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,24 +120,47 @@ def test_search_recovers_a_scrambled_sparse_matrix(pattern, R, K, rows, cols, ge
     assert res.converged
 
 
-def test_search_is_deterministic_for_a_seed_and_any_thread_count(gen):
-    # large enough that pairs and blocks run in parallel; ends by its round limit
-    scores = torch.rand(256, 512, generator=gen) * torch.exp(torch.randn(512, generator=gen))
+@pytest.mark.parametrize(
+    "R, K, pattern, rounds, kwargs",
+    [
+        (256, 512, "64:2:8", 25, {}),  # wide: pairs and blocks run in parallel
+        (2048, 64, "16:2:8", 4, {}),  # tall: row phases of hundreds of swaps among 128 blocks
+        (2048, 64, "16:2:8", 4, dict(row_segment=512)),
+    ],
+)
+def test_search_is_deterministic_for_a_seed_and_any_thread_count(R, K, pattern, rounds, kwargs, gen):
+    # ends by its round limit, with no wall-clock limit: reproducible bit for bit
+    scores = torch.rand(R, K, generator=gen) * torch.exp(torch.randn(K, generator=gen))
     runs = []
     old = _C.num_threads()
     try:
         for threads in (1, 2, 2):
             _C.set_num_threads(threads)
-            runs.append(vnm.search_permutation(scores, "64:2:8", time_budget=60, seed=7, progress=False,
-                                               max_rounds=25))
+            runs.append(vnm.search_permutation(scores, pattern, time_budget=None, seed=7, progress=False,
+                                               max_rounds=rounds, **kwargs))
     finally:
         _C.set_num_threads(old)
-    assert all(r.rounds == 25 for r in runs)
+    assert all(r.rounds == rounds for r in runs)
+    assert not torch.equal(runs[0].row_perm, torch.arange(R))  # the rows did move
     for r in runs[1:]:
         assert torch.equal(r.row_perm, runs[0].row_perm) and torch.equal(r.col_perm, runs[0].col_perm)
         assert r.kept == runs[0].kept
-    other = vnm.search_permutation(scores, "64:2:8", time_budget=60, seed=8, progress=False, max_rounds=25)
-    assert not torch.equal(other.col_perm, runs[0].col_perm)
+    # a budget the search does not reach gives the same result as no budget
+    budgeted = vnm.search_permutation(scores, pattern, time_budget=600, seed=7, progress=False,
+                                      max_rounds=rounds, **kwargs)
+    assert torch.equal(budgeted.row_perm, runs[0].row_perm) and torch.equal(budgeted.col_perm, runs[0].col_perm)
+    other = vnm.search_permutation(scores, pattern, time_budget=None, seed=8, progress=False,
+                                   max_rounds=rounds, **kwargs)
+    assert not (torch.equal(other.col_perm, runs[0].col_perm) and torch.equal(other.row_perm, runs[0].row_perm))
+
+
+def test_numpy_numbers_are_accepted_for_seed_rounds_and_budget(gen):
+    scores = torch.rand(64, 64, generator=gen)
+    plain = vnm.search_permutation(scores, "16:2:8", time_budget=60, seed=3, progress=False, max_rounds=6,
+                                   patience=2, col_segment=32)
+    numpy = vnm.search_permutation(scores, "16:2:8", time_budget=np.float32(60), seed=np.uint64(3), progress=False,
+                                   max_rounds=np.int64(6), patience=np.int32(2), col_segment=np.int16(32))
+    assert torch.equal(plain.row_perm, numpy.row_perm) and torch.equal(plain.col_perm, numpy.col_perm)
 
 
 def test_segments_are_mapped_onto_themselves(gen):
@@ -172,6 +198,62 @@ def test_time_budget_bounds_the_search(gen):
     assert zero.rounds == 0 and zero.kept >= zero.kept_identity
 
 
+def test_time_budget_bounds_the_search_on_a_tall_matrix(gen):
+    # 16384 rows: a row phase makes thousands of swaps among 1024 row blocks; the clock must be
+    # read inside it, not only between rounds (it once took 40 s against a 0.2 s budget)
+    scores = torch.rand(16384, 64, generator=gen) ** 4
+    t0 = time.perf_counter()
+    res = vnm.search_permutation(scores, "16:2:8", time_budget=0.2, progress=False, patience=None)
+    wall = time.perf_counter() - t0
+    assert wall < 5  # budget, set-up and the final exact scoring, on 2 shared cores
+    assert is_permutation(res.row_perm, 16384) and is_permutation(res.col_perm, 64)
+    assert res.kept >= res.kept_identity
+    assert kept_by_select(res.apply(scores), "16:2:8") == pytest.approx(res.kept, rel=1e-9)
+
+
+def test_progress_callable_can_stop_a_tall_search_inside_its_row_phase(gen):
+    scores = torch.rand(16384, 64, generator=gen) ** 4
+    seen = []
+
+    def stop_at_second_call(info):
+        seen.append(info)
+        return len(seen) < 2
+
+    t0 = time.perf_counter()
+    res = vnm.search_permutation(scores, "16:2:8", time_budget=600, progress=stop_at_second_call, patience=None)
+    # the second call comes about 0.2 s after the first, from inside the first round (rows
+    # first); called only between rounds it came after the whole row phase (tens of seconds)
+    assert time.perf_counter() - t0 < 5 and len(seen) >= 2
+    assert res.kept >= res.kept_identity and is_permutation(res.row_perm, 16384)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_ctrl_c_stops_a_tall_search_with_keyboard_interrupt(progress, gen):
+    # Ctrl-C in Python sets a flag that the interpreter acts on at its next bytecode; the search
+    # runs without the GIL and calls into Python (the progress callback, or a no-op one) a few
+    # times a second, where KeyboardInterrupt is raised and propagates out of the search.
+    # _thread.interrupt_main has the same effect as the signal.
+    scores = torch.rand(16384, 64, generator=gen) ** 4
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vnm.search_permutation(scores, "16:2:8", time_budget=600, progress=progress, patience=None)
+    finally:
+        timer.cancel()
+        timer.join()
+    assert time.perf_counter() - t0 < 5
+
+
+def test_keyboard_interrupt_raised_by_the_progress_callable_propagates(gen):
+    def interrupt(info):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vnm.search_permutation(torch.rand(64, 64, generator=gen), "16:2:8", time_budget=5, progress=interrupt)
+
+
 def test_progress_callable_sees_the_search_and_can_stop_it(gen):
     scores = torch.rand(512, 1024, generator=gen)
     seen = []
@@ -201,6 +283,29 @@ def test_progress_bar_runs(gen, capsys):
     assert res.kept >= res.kept_identity
 
 
+def test_progress_bar_shows_a_small_budget(gen, capsys):
+    vnm.search_permutation(torch.rand(64, 64, generator=gen), "16:2:8", time_budget=0.05, patience=None)
+    err = capsys.readouterr().err
+    assert "/0.05 s" in err and "/0.0 s" not in err
+    vnm.search_permutation(torch.rand(64, 64, generator=gen), "16:2:8", time_budget=None, max_rounds=3,
+                           patience=None)
+    assert "/3 rounds" in capsys.readouterr().err
+
+
+def test_float64_scores_beyond_float32_range_name_the_conversion():
+    scores = torch.rand(32, 48, dtype=torch.float64)
+    scores[3, 5] = 1e300
+    with pytest.raises(ValueError, match=r"converted to float32.*1e\+300 at \(3, 5\) overflows.*divide the scores"):
+        vnm.search_permutation(scores, "16:2:8", time_budget=1, progress=False)
+    with pytest.raises(ValueError, match="converted to float32"):
+        vnm.kept_score(scores, "2:4")
+    # representable float64 scores are fine, and inf stays the plain error
+    assert vnm.kept_score(scores.clamp(max=1.0), "2:4") > 0
+    scores[3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"finite and non-negative.*\(3, 5\)"):
+        vnm.kept_score(scores, "2:4")
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -216,11 +321,19 @@ def test_progress_bar_runs(gen, capsys):
         (dict(time_budget=-1), ValueError, "time_budget must be a finite number of seconds >= 0"),
         (dict(time_budget=float("nan")), ValueError, "time_budget"),
         (dict(time_budget="1"), TypeError, "time_budget must be a number"),
+        (dict(time_budget=None), ValueError, "time_budget=None needs max_rounds"),
         (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=True), TypeError, "seed must be an int"),
+        (dict(seed=np.bool_(True)), TypeError, "seed must be an int"),
+        (dict(seed=1.0), TypeError, "seed must be an int"),
         (dict(max_rounds=0), ValueError, "max_rounds must be >= 1"),
+        (dict(max_rounds=2.5), TypeError, "max_rounds must be an int or None, got float"),
         (dict(patience=-2), ValueError, "patience"),
         (dict(col_segment=7), ValueError, "col_segment must be 0 .* divide the column count 48"),
         (dict(row_segment=8), ValueError, "row_segment must be 0 .* a multiple of V=16"),
+        # checked alike where rows never move
+        (dict(pattern="16:2:4", row_segment=8), ValueError, "row_segment must be 0 .* a multiple of V=16"),
+        (dict(pattern="2:4", row_segment=7), ValueError, "row_segment must be 0 .* divide the row count 32"),
         (dict(progress="yes"), TypeError, "progress must be"),
     ],
 )
@@ -302,6 +415,21 @@ def test_attention_value_permutation_within_heads_changes_nothing(gen):
         vnm.permute_attention_values(att.v, att.o, across, head_dim=8)
 
 
+def test_gpt2_conv1d_mlp_permutation_changes_nothing(gen):
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    c_fc, c_proj = conv1d(40, 24).double(), conv1d(24, 40).double()  # Conv1D(out, in): weight (in, out)
+    c_fc.requires_grad_(False)
+    c_proj.requires_grad_(False)
+    x = torch.randn(5, 24, dtype=torch.double)
+    y = c_proj(torch.nn.functional.gelu(c_fc(x)))
+    w_fc = c_fc.weight.clone()
+    perm = torch.randperm(40, generator=gen)
+    vnm.permute_between(c_fc, c_proj, perm)
+    assert rel_err(c_proj(torch.nn.functional.gelu(c_fc(x))), y) < 1e-13
+    assert torch.equal(c_fc.weight, w_fc[:, perm])  # the output features are Conv1D's weight columns
+
+
 def test_linear_permutations_and_their_inverse(gen):
     torch.manual_seed(0)
     lin = torch.nn.Linear(12, 20).double().requires_grad_(False)
@@ -325,6 +453,8 @@ def test_linear_permutations_and_their_inverse(gen):
         (lambda lin: vnm.permute_linear_cols(lin, torch.arange(12.0)), TypeError, "integer tensor"),
         (lambda lin: vnm.permute_linear_rows(torch.nn.ReLU(), torch.arange(3)), TypeError, "nn.Linear"),
         (lambda lin: vnm.permute_between(lin, lin, torch.arange(20)), ValueError, "takes 12 inputs"),
+        (lambda lin: vnm.permute_attention_values(torch.nn.Linear(12, 8), lin, torch.arange(12), 4), ValueError,
+         "v_proj emits 8 features but o_proj takes 12: with grouped-query attention"),
         (lambda lin: vnm.invert_permutation(torch.tensor([0, 0])), ValueError, "not a permutation"),
     ],
 )

@@ -27,15 +27,19 @@
 //    linear in the assignment of rows to blocks, like an assignment step of k-means with blocks
 //    of V rows. The best swap of two rows between blocks b1 and b2 is the best leaver of b1
 //    towards b2 plus the best leaver of b2 towards b1, so swaps are applied greedily from per
-//    block-pair maxima. Re-selecting the blocks afterwards can only add: the old selections are
-//    still valid.
+//    block-pair maxima (kept in one max tree per block, so a swap costs O((V + log RB) * RB), not
+//    a scan of all RB^2 / 2 block pairs), at most R swaps per phase. Re-selecting the blocks
+//    afterwards can only add: the old selections are still valid.
 //
 // When both moves are exhausted (a local optimum) the search escapes with a few random swaps,
 // starting again from the best state found if the last escape did not beat it, until the time
-// budget, the round limit or the patience runs out. A zig-zag dealing of the columns by column
-// sum (each group gets one column of every importance band, as in RIA's channel reallocation)
-// is tried as a starting point and kept if it beats the identity. The final permutations are
-// checked in double against the identity with the selection select_mask makes.
+// budget, the round limit or the patience runs out. Inside a round the clock is read every 64
+// row swaps, between batches of the row phase's tables and before every column pair; the row
+// phase runs on the calling thread and calls the progress callback at those points too (that is
+// where Python sees Ctrl-C). A zig-zag dealing of the columns by column sum (each group gets one
+// column of every importance band, as in RIA's channel reallocation) is tried as a starting
+// point and kept if it beats the identity. The final permutations are checked in double against
+// the identity with the selection select_mask makes.
 #include "vnm/permute.h"
 
 #include <algorithm>
@@ -63,6 +67,12 @@ constexpr int kRowChunk = 64;
 // Work (in inner-loop element operations) below which a parallel loop runs on the calling
 // thread: starting threads costs more than it saves on small matrices.
 constexpr double kMinParallelWork = 2e5;
+// Seconds between progress reports (and so between the checks for a pending Ctrl-C in Python).
+constexpr double kReportInterval = 0.2;
+// Row swaps between looks at the clock and the progress callback inside a row phase.
+constexpr int64_t kSwapsPerPoll = 64;
+// Element operations between polls in the other long loops of a row phase.
+constexpr double kPollWork = 5e7;
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
@@ -202,7 +212,7 @@ class Search {
     // Segments made of whole groups are paired inside themselves; otherwise groups are paired
     // globally and only swaps inside one segment are allowed.
     col_seg_groups_ = (col_seg_ > 0 && seg_aligned_) ? col_seg_ / g_.M : g_.G;
-    row_seg_blocks_ = opt.row_segment > 0 ? opt.row_segment / g_.V : g_.RB;
+    row_seg_blocks_ = g_.choose && opt.row_segment > 0 ? opt.row_segment / g_.V : g_.RB;
     pair_work_ = double(g_.RB) * 2.0 * (2.0 * g_.M) * g_.set_size * g_.V * 2.0;
     block_work_ = g_.choose ? double(g_.V) * 70.0 * 2.0 : double(g_.V) * g_.M * 2.0;
   }
@@ -223,6 +233,7 @@ class Search {
     return g1 * M / col_seg_ <= (g2 * M + M - 1) / col_seg_ &&
            g2 * M / col_seg_ <= (g1 * M + M - 1) / col_seg_;
   }
+  bool budget_spent() const { return seconds_since(t0_) >= opt_.time_budget_s; }
   float& val(int64_t b, int64_t g) { return val_[size_t(b) * g_.G + g]; }
   uint8_t* sel(int64_t b, int64_t g) { return sel_.data() + (size_t(b) * g_.G + g) * 4; }
 
@@ -241,13 +252,14 @@ class Search {
   double column_round(const std::vector<std::pair<int64_t, int64_t>>& pairs);
   std::vector<std::pair<int64_t, int64_t>> tournament_pairs();
   std::vector<std::pair<int64_t, int64_t>> loss_pairs();
-  int64_t row_phase();
+  int64_t row_phase(const std::function<bool()>& keep_going);
   void escape();
 
   const float* S_;
   Geometry g_;
   PermuteOptions opt_;
   Rng rng_;
+  Clock::time_point t0_;          // start of run()
   std::vector<float> T_;          // Kp x Rp: T_[c * Rp + s] = score of (row at slot s, column c)
   std::vector<int64_t> col_at_;   // column slot -> column (>= K: a zero padding column)
   std::vector<int64_t> row_at_;   // row slot -> row (>= R: a zero padding row)
@@ -627,7 +639,12 @@ double Search::column_round(const std::vector<std::pair<int64_t, int64_t>>& pair
   parallel_for(int64_t(pairs.size()), grain, [&](int64_t begin, int64_t end) {
     Worker w;
     w.init(g_);
-    for (int64_t i = begin; i < end; ++i) gains[i] = improve_pair(pairs[i].first, pairs[i].second, w);
+    for (int64_t i = begin; i < end; ++i) {
+      // Past the budget the remaining pairs stay as they are: a round on a large matrix takes
+      // seconds, and a result the budget ends depends on timing anyway.
+      if (budget_spent()) break;
+      gains[i] = improve_pair(pairs[i].first, pairs[i].second, w);
+    }
   });
   double gained = 0;
   for (double x : gains) gained += x;
@@ -690,7 +707,7 @@ std::vector<std::pair<int64_t, int64_t>> Search::loss_pairs() {
 
 // ---- row moves -----------------------------------------------------------------------------
 
-int64_t Search::row_phase() {
+int64_t Search::row_phase(const std::function<bool()>& keep_going) {
   const int V = g_.V;
   const int64_t RB = g_.RB, G = g_.G, Rp = g_.Rp;
   // v[s * RB + b]: kept score of the row in slot s if it sat in row block b (selections fixed).
@@ -698,10 +715,9 @@ int64_t Search::row_phase() {
   const int64_t chunk = 64;
   const int64_t chunks = ceil_div(Rp, chunk);
   const double chunk_work = double(chunk) * RB * G * 8.0;
-  parallel_for(chunks, std::max<int64_t>(1, int64_t(kMinParallelWork / chunk_work)),
-               [&](int64_t begin, int64_t end) {
+  auto fill_chunks = [&](int64_t first, int64_t begin, int64_t end) {
     std::vector<float> acc(size_t(RB) * chunk);
-    for (int64_t ch = begin; ch < end; ++ch) {
+    for (int64_t ch = first + begin; ch < first + end; ++ch) {
       const int64_t s0 = ch * chunk, n = std::min(chunk, Rp - s0);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t g = 0; g < G; ++g) {
@@ -718,56 +734,124 @@ int64_t Search::row_phase() {
       for (int64_t r = 0; r < n; ++r)
         for (int64_t b = 0; b < RB; ++b) v[size_t(s0 + r) * RB + b] = acc[size_t(b) * chunk + r];
     }
-  });
+  };
+  // v costs Rp * RB * G, quadratic in the rows: computed in batches of chunks with a poll
+  // between them. An interrupted phase changes nothing.
+  const int64_t grain = std::max<int64_t>(1, int64_t(kMinParallelWork / chunk_work));
+  const int64_t batch =
+      std::max<int64_t>(2 * int64_t(num_threads()), int64_t(kPollWork / chunk_work));
+  for (int64_t first = 0; first < chunks; first += batch) {
+    if (first > 0 && !keep_going()) return 0;
+    parallel_for(std::min(batch, chunks - first), grain,
+                 [&](int64_t begin, int64_t end) { fill_chunks(first, begin, end); });
+  }
 
-  // out[b1 * RB + b2]: best gain of moving one row of b1 to b2 (and its slot).
+  // out[b1 * RB + b2]: best gain of moving one row of b1 to b2 (-inf: b1 holds no real row).
   std::vector<float> out(size_t(RB) * RB, 0.0f);
-  std::vector<int64_t> arg(size_t(RB) * RB, -1);
   auto refresh = [&](int64_t b1) {
-    for (int64_t b2 = 0; b2 < RB; ++b2) {
-      out[b1 * RB + b2] = -std::numeric_limits<float>::infinity();
-      arg[b1 * RB + b2] = -1;
+    float* __restrict o = out.data() + size_t(b1) * RB;
+    std::fill_n(o, RB, -std::numeric_limits<float>::infinity());
+    for (int64_t s = b1 * V; s < (b1 + 1) * V; ++s) {
+      if (!real_row_slot(s)) continue;
+      const float* __restrict vs = v.data() + size_t(s) * RB;
+      const float here = vs[b1];
+      for (int64_t b2 = 0; b2 < RB; ++b2) o[b2] = std::max(o[b2], vs[b2] - here);
     }
+  };
+  // The row that leaves b1 for b2: the first real slot of b1 whose gain is out[b1][b2] (the
+  // same float expression as in refresh, so the comparison is exact).
+  auto leaver = [&](int64_t b1, int64_t b2) {
     for (int64_t s = b1 * V; s < (b1 + 1) * V; ++s) {
       if (!real_row_slot(s)) continue;
       const float* vs = v.data() + size_t(s) * RB;
-      for (int64_t b2 = 0; b2 < RB; ++b2) {
-        const float gain = vs[b2] - vs[b1];
-        if (gain > out[b1 * RB + b2]) {
-          out[b1 * RB + b2] = gain;
-          arg[b1 * RB + b2] = s;
-        }
-      }
+      if (vs[b2] - vs[b1] == out[b1 * RB + b2]) return s;
     }
+    return int64_t(-1);  // unreachable: out[b1][b2] is the gain of one of these slots
   };
   for (int64_t b = 0; b < RB; ++b) refresh(b);
+
+  // The best swap is the pair b1 < b2 (same segment) of largest gain(b1, b2) = out[b1][b2] +
+  // out[b2][b1], the first in (b1, b2) order on ties. A swap changes only the pairs that involve
+  // its two blocks, so every row b1 keeps a max tree over its partners b2 (leftmost maximum on
+  // ties): a swap rebuilds the two blocks' trees and updates one leaf in each other tree,
+  // O(RB log RB) instead of a scan of all RB^2 / 2 pairs, with the same picks. Memory: 12 bytes
+  // x RB x 2P (P the power of two >= RB), below 48 bytes x RB^2; v takes 4 bytes x V x RB^2.
+  const int64_t seg = row_seg_blocks_;
+  int64_t P = 1;
+  while (P < RB) P *= 2;
+  std::vector<double> tree_val(size_t(RB) * 2 * P);
+  std::vector<int32_t> tree_arg(size_t(RB) * 2 * P);
+  auto pair_gain = [&](int64_t b1, int64_t b2) {
+    const int64_t seg_end = std::min(RB, (b1 / seg + 1) * seg);
+    if (b2 <= b1 || b2 >= seg_end) return -std::numeric_limits<double>::infinity();
+    // a block without a real row has out = -inf: such pairs are never picked
+    return double(out[b1 * RB + b2]) + double(out[b2 * RB + b1]);
+  };
+  // Recomputes a node from its children; returns whether it changed.
+  auto pull = [&](double* tv, int32_t* ta, int64_t node) {
+    const int64_t l = 2 * node, r = l + 1;
+    const bool left = tv[l] >= tv[r];
+    const double value = left ? tv[l] : tv[r];
+    const int32_t at = left ? ta[l] : ta[r];
+    const bool changed = value != tv[node] || at != ta[node];
+    tv[node] = value;
+    ta[node] = at;
+    return changed;
+  };
+  auto build_tree = [&](int64_t b1) {
+    double* tv = tree_val.data() + size_t(b1) * 2 * P;
+    int32_t* ta = tree_arg.data() + size_t(b1) * 2 * P;
+    for (int64_t b2 = 0; b2 < P; ++b2) {
+      tv[P + b2] = b2 < RB ? pair_gain(b1, b2) : -std::numeric_limits<double>::infinity();
+      ta[P + b2] = int32_t(b2);
+    }
+    for (int64_t node = P - 1; node >= 1; --node) pull(tv, ta, node);
+  };
+  auto update_tree = [&](int64_t b1, int64_t b2) {
+    double* tv = tree_val.data() + size_t(b1) * 2 * P;
+    int32_t* ta = tree_arg.data() + size_t(b1) * 2 * P;
+    const double leaf = pair_gain(b1, b2);
+    if (leaf == tv[P + b2]) return;
+    tv[P + b2] = leaf;
+    // an ancestor whose winner did not change leaves all above it as they were
+    for (int64_t node = (P + b2) / 2; node >= 1 && pull(tv, ta, node); node /= 2) {
+    }
+  };
+  for (int64_t b = 0; b < RB; ++b) build_tree(b);
+
   const double tol = 1e-6 * total_ / double(std::max<int64_t>(1, g_.R));
   std::vector<std::pair<int64_t, int64_t>> moves;
   std::vector<char> changed(RB, 0);
-  const int64_t seg = row_seg_blocks_;
   for (int64_t it = 0; it < g_.R; ++it) {
+    // The clock and the progress callback (where Python raises a pending Ctrl-C) are seen every
+    // kSwapsPerPoll swaps: a tall matrix makes thousands of them in one phase.
+    if (it > 0 && it % kSwapsPerPoll == 0 && !keep_going()) break;
     double best = tol;
     int64_t bb1 = -1, bb2 = -1;
     for (int64_t b1 = 0; b1 < RB; ++b1) {
-      const int64_t seg_end = std::min(RB, (b1 / seg + 1) * seg);
-      for (int64_t b2 = b1 + 1; b2 < seg_end; ++b2) {
-        if (arg[b1 * RB + b2] < 0 || arg[b2 * RB + b1] < 0) continue;
-        const double gain = double(out[b1 * RB + b2]) + double(out[b2 * RB + b1]);
-        if (gain > best) {
-          best = gain;
-          bb1 = b1;
-          bb2 = b2;
-        }
+      const double gain = tree_val[size_t(b1) * 2 * P + 1];
+      if (gain > best) {
+        best = gain;
+        bb1 = b1;
+        bb2 = tree_arg[size_t(b1) * 2 * P + 1];
       }
     }
     if (bb1 < 0) break;
-    const int64_t s1 = arg[bb1 * RB + bb2], s2 = arg[bb2 * RB + bb1];
+    const int64_t s1 = leaver(bb1, bb2), s2 = leaver(bb2, bb1);
     std::swap(row_at_[s1], row_at_[s2]);
     std::swap_ranges(v.begin() + s1 * RB, v.begin() + (s1 + 1) * RB, v.begin() + s2 * RB);
     moves.emplace_back(s1, s2);
     changed[bb1] = changed[bb2] = 1;
     refresh(bb1);
     refresh(bb2);
+    build_tree(bb1);
+    build_tree(bb2);
+    // bb1 < bb2 share a segment; only rows before bb2 in it have them as partners
+    for (int64_t b1 = (bb1 / seg) * seg; b1 < bb2; ++b1) {
+      if (b1 == bb1) continue;
+      if (b1 < bb1) update_tree(b1, bb1);
+      update_tree(b1, bb2);
+    }
   }
   if (moves.empty()) return 0;
   // Move the rows in T (row_at_ already holds the new order), then re-select the changed blocks.
@@ -843,7 +927,8 @@ void Search::escape() {
 }
 
 PermuteResult Search::run(const PermuteCallback& progress) {
-  const auto t0 = Clock::now();
+  t0_ = Clock::now();
+  const auto t0 = t0_;
   PermuteResult res;
   load_T();
   for (int64_t c = 0; c < g_.K; ++c) {
@@ -889,6 +974,18 @@ PermuteResult Search::run(const PermuteCallback& progress) {
   };
   bool go = report();
   double last_report = 0;
+  auto maybe_report = [&]() {
+    const double now = seconds_since(t0);
+    if (go && now - last_report >= kReportInterval) {
+      last_report = now;
+      go = report();
+    }
+  };
+  // Polled from inside long phases: false once the budget is spent or the callback said stop.
+  auto keep_going = [&]() {
+    maybe_report();
+    return go && !budget_spent();
+  };
 
   // Rows are re-assigned about as often as their cost allows: a row phase costs about as much
   // as `row_interval` column rounds. After a phase with no move, rows wait twice as long.
@@ -907,7 +1004,7 @@ PermuteResult Search::run(const PermuteCallback& progress) {
       res.converged = true;
       break;
     }
-    if (seconds_since(t0) >= opt_.time_budget_s) break;
+    if (budget_spent()) break;
     if (opt_.max_rounds > 0 && res.rounds >= opt_.max_rounds) break;
     if (cols_converged && rows_converged) {
       res.converged = true;
@@ -936,7 +1033,7 @@ PermuteResult Search::run(const PermuteCallback& progress) {
       sweep_improved_ = false;
     }
     if (rows_enabled_ && !rows_converged && (since_rows >= row_interval || cols_converged)) {
-      const int64_t moved = row_phase();
+      const int64_t moved = row_phase(keep_going);
       since_rows = 0;
       if (moved > 0) {
         row_interval = base_interval;
@@ -971,11 +1068,7 @@ PermuteResult Search::run(const PermuteCallback& progress) {
       best_cols = col_at_;
       best_rows = row_at_;
     }
-    const double now = seconds_since(t0);
-    if (now - last_report >= 0.2) {
-      last_report = now;
-      go = report();
-    }
+    maybe_report();
   }
   if (total_ > best_total) {
     best_total = total_;
@@ -1095,12 +1188,18 @@ PermuteResult search_permutation(const float* scores, int64_t R, int64_t K, cons
   if (options.col_segment < 0 || (options.col_segment > 0 && K % options.col_segment != 0))
     fail("col_segment must be 0 (no restriction) or divide the column count " +
          std::to_string(K) + "; got " + std::to_string(options.col_segment));
+  // Checked alike for every pattern, also those whose rows never move (2:M, V:2:4), so that
+  // options valid for one pattern are valid for the others.
   if (options.row_segment < 0 ||
-      (options.row_segment > 0 && geo.choose &&
-       (options.row_segment % geo.V != 0 || R % options.row_segment != 0)))
-    fail("row_segment must be 0 (no restriction) or a multiple of V=" + std::to_string(geo.V) +
-         " that divides the row count " + std::to_string(R) + "; got " +
-         std::to_string(options.row_segment));
+      (options.row_segment > 0 &&
+       (R % options.row_segment != 0 || (p.is_vnm() && options.row_segment % p.V != 0)))) {
+    if (p.is_vnm())
+      fail("row_segment must be 0 (no restriction) or a multiple of V=" + std::to_string(p.V) +
+           " that divides the row count " + std::to_string(R) + "; got " +
+           std::to_string(options.row_segment));
+    fail("row_segment must be 0 (no restriction) or divide the row count " + std::to_string(R) +
+         "; got " + std::to_string(options.row_segment));
+  }
   detail::check_scores(scores, R * K, K);
 
   Search search(scores, geo, options);

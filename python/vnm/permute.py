@@ -24,6 +24,8 @@ Why a permutation is free. For ``y = x @ W.T`` with W permuted to ``W[row_perm][
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -31,6 +33,7 @@ import torch
 
 from ._checks import require_2d
 from ._native import _C
+from .layers import is_prunable, weight_matrix
 from .pattern import Pattern, PatternLike, as_pattern
 
 __all__ = [
@@ -129,26 +132,56 @@ def _scores_f32(scores: torch.Tensor) -> torch.Tensor:
     require_2d(scores, "scores")
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
-    return scores.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    s = scores.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if scores.dtype == torch.float64 and bool(torch.isinf(s).any()):
+        overflowed = torch.isinf(s) & torch.isfinite(scores.detach().cpu())
+        if bool(overflowed.any()):
+            r, c = (int(i) for i in overflowed.nonzero()[0])
+            raise ValueError(
+                f"scores are converted to float32 for the search, and the score {float(scores[r, c]):g} at "
+                f"({r}, {c}) overflows it (float32 holds up to {torch.finfo(torch.float32).max:.4g}); divide "
+                "the scores by a positive constant first (e.g. scores / scores.max()): scaling all scores "
+                "alike does not change which permutation or mask is best"
+            )
+    return s
+
+
+def _as_int(value, name: str, what: str = "an int") -> int:
+    """``value`` as an int: anything with ``__index__`` (int, numpy integers) but not a bool."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
 
 
 def _optional_int(value, name: str, minimum: int) -> int:
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    value = _as_int(value, name, "an int or None")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum} (or None), got {value}")
     return value
 
 
+def _seconds_decimals(seconds: float) -> int:
+    """Decimals that show ``seconds`` as more than zero: 1 from 0.1 s up, 2 for 0.05 s, ..."""
+    if seconds <= 0:
+        return 1
+    return min(6, max(1, -math.floor(math.log10(seconds))))
+
+
 ProgressLike = Union[bool, Callable[[dict], Optional[bool]]]
+
+# time_budget=None: the round limit ends the search (a budget of about 31 years)
+_UNLIMITED_SECONDS = 1e9
 
 
 def search_permutation(
     scores: torch.Tensor,
     pattern: PatternLike,
-    time_budget: float = 10.0,
+    time_budget: Optional[float] = 10.0,
     seed: int = 0,
     progress: ProgressLike = True,
     *,
@@ -164,21 +197,40 @@ def search_permutation(
 
     ``pattern``: a V:2:M pattern (rows and columns are permuted) or 2:M such as '2:4' (columns
     only: every row keeps its own best values per group, so the row order changes nothing and
-    ``row_perm`` is the identity). The search runs in C++ on all cores (``vnm`` threads) for at
-    most ``time_budget`` seconds (plus one round and a final exact check), and stops earlier at a
-    local optimum that ``patience`` random escapes in a row did not improve (``None``: search the
-    whole budget). ``max_rounds`` bounds the rounds instead: a run that ends by its round limit is
-    reproducible bit for bit for the same inputs and ``seed``, whatever the thread count.
+    ``row_perm`` is the identity; V:2:4 likewise). The search runs in C++ on all cores (``vnm``
+    threads) until ``time_budget`` seconds have passed, ``max_rounds`` rounds are done, or a
+    local optimum was not improved by ``patience`` random escapes in a row (``None``: no such
+    stop), whichever comes first. The budget bounds the search itself: the set-up before it and
+    the exact scoring of the identity, of a random permutation and of the result after it come
+    on top, and grow with the size of the matrix. Inside a round the search looks at the clock
+    every 64 row swaps, between batches of its row-phase tables and before every column pair,
+    so it ends soon after the budget also on tall matrices.
 
-    ``progress``: ``True`` shows a tqdm bar (elapsed time against the budget, and the gain);
-    ``False`` nothing; a callable receives a dict (``elapsed``, ``rounds``, ``escapes``,
-    ``kept_identity``, ``kept_best``, ``gain``) a few times a second and may return ``False`` to
-    stop (the best permutation so far is returned); an exception it raises propagates.
+    **Reproducible results: use** ``max_rounds`` (e.g. ``time_budget=None, max_rounds=200``).
+    A search that ends by its round limit (or by ``patience``) before the budget runs out
+    returns the same permutations, bit for bit, for the same scores, pattern, options and
+    ``seed``, whatever the number of threads or the load of the machine. A search that the
+    wall-clock budget ends is not reproducible: how far it gets depends on the machine's speed
+    at the time. ``time_budget=None`` means no wall-clock limit and needs ``max_rounds``.
+
+    ``progress``: ``True`` shows a tqdm bar (elapsed time against the budget, or rounds against
+    ``max_rounds`` when ``time_budget=None``, and the gain); ``False`` nothing; a callable
+    receives a dict (``elapsed``, ``rounds``, ``escapes``, ``kept_identity``, ``kept_best``,
+    ``gain``) about every 0.2 s and may return ``False`` to stop (the best permutation so far
+    is returned); an exception it raises propagates. The search runs without the GIL and calls
+    into Python at those moments whatever ``progress`` is, and that is where Ctrl-C is seen: it
+    raises ``KeyboardInterrupt`` out of this function, at the latest when the step in progress
+    ends (the set-up, a column round, re-scoring every block after an escape, or the final
+    scoring; on a matrix with thousands of rows and columns each can take a second or more).
 
     ``col_segment`` / ``row_segment``: keep every consecutive segment of that many columns / rows
     in place (the permutation maps it onto itself), e.g. ``col_segment=head_dim`` for the input
     columns of an attention output projection. A column segment must divide K (it need not be a
-    multiple of M: head_dim 64 works with 64:2:5); a row segment must be a multiple of V.
+    multiple of M: head_dim 64 works with 64:2:5); a row segment must divide R and, for a V:N:M
+    pattern, be a multiple of V (checked even for V:2:4, whose rows never move).
+
+    ``scores`` of any floating dtype are converted to float32 for the search; float64 scores
+    beyond float32's range are an error (divide them by a constant first).
 
     The result is never worse than the identity: both are scored exactly at the end and the
     identity is returned unless it is beaten.
@@ -186,13 +238,22 @@ def search_permutation(
     p = as_pattern(pattern)
     s = _scores_f32(scores)
     R, K = s.shape
-    if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)):
-        raise TypeError(f"time_budget must be a number of seconds, got {type(time_budget).__name__}")
-    if not math.isfinite(time_budget) or time_budget < 0:
-        raise ValueError(f"time_budget must be a finite number of seconds >= 0, got {time_budget}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     rounds = _optional_int(max_rounds, "max_rounds", 1)
+    if time_budget is None:
+        if rounds == 0:
+            raise ValueError("time_budget=None needs max_rounds to end the search (e.g. max_rounds=200)")
+        budget = _UNLIMITED_SECONDS
+    else:
+        if isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real):
+            raise TypeError(
+                f"time_budget must be a number of seconds or None, got {type(time_budget).__name__}")
+        budget = float(time_budget)
+        if not math.isfinite(budget) or budget < 0:
+            raise ValueError(
+                f"time_budget must be a finite number of seconds >= 0 (or None), got {time_budget}")
+    seed = _as_int(seed, "seed")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if patience is None:
         patience_value = -1
     else:
@@ -207,13 +268,23 @@ def search_permutation(
     if progress is True:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=round(float(time_budget), 1), unit="s", desc=f"permutation {p} {R}x{K}",
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s{postfix}")
+        desc = f"permutation {p} {R}x{K}"
+        if time_budget is None:  # no clock to show: rounds against the round limit
+            bar = tqdm(total=rounds, unit="round", desc=desc,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} rounds{postfix}")
+        else:
+            d = _seconds_decimals(budget)  # so that a 0.05 s budget does not show as 0.0 s
+            bar = tqdm(total=budget, unit="s", desc=desc,
+                       bar_format=f"{{desc}}: {{percentage:3.0f}}%|{{bar}}| {{n:.{d}f}}/{{total:.{d}f}} s{{postfix}}")
 
         def callback(elapsed, n_rounds, escapes, kept_identity, kept_best):
-            bar.n = round(min(elapsed, float(time_budget)), 1)
             gain = kept_best / kept_identity - 1.0 if kept_identity > 0 else 0.0
-            bar.set_postfix_str(f"gain {gain:+.3%}, {n_rounds} rounds", refresh=False)
+            if time_budget is None:
+                bar.n = n_rounds
+                bar.set_postfix_str(f"gain {gain:+.3%}", refresh=False)
+            else:
+                bar.n = min(elapsed, budget)
+                bar.set_postfix_str(f"gain {gain:+.3%}, {n_rounds} rounds", refresh=False)
             bar.refresh()
             return True
 
@@ -237,7 +308,7 @@ def search_permutation(
     info = None
     try:
         info = _C.search_permutation(
-            s, R, K, p, float(time_budget), int(seed), rounds, patience_value, bool(permute_rows),
+            s, R, K, p, budget, seed, rounds, patience_value, bool(permute_rows),
             bool(permute_cols), col_seg, row_seg, callback, row_perm, col_perm,
         )
     finally:
@@ -302,30 +373,32 @@ def is_head_preserving(perm: torch.Tensor, head_dim: int) -> bool:
 
 
 @torch.no_grad()
-def permute_linear_rows(linear: torch.nn.Linear, perm: torch.Tensor) -> torch.nn.Linear:
-    """Reorder the output features of ``linear`` in place: afterwards it computes
-    ``old(x)[..., perm]`` (weight rows and bias permuted). Returns the layer."""
-    _require_linear(linear, "linear")
-    p = check_permutation(perm, linear.out_features).to(linear.weight.device)
-    linear.weight.copy_(linear.weight[p])
+def permute_linear_rows(linear: torch.nn.Module, perm: torch.Tensor) -> torch.nn.Module:
+    """Reorder the output features of ``linear`` (an ``nn.Linear`` or a GPT-2 ``Conv1D``) in
+    place: afterwards it computes ``old(x)[..., perm]`` (weight rows and bias permuted). Returns
+    the layer."""
+    w = _weight_rows_by_cols(linear, "linear")
+    p = check_permutation(perm, w.shape[0]).to(w.device)
+    w.copy_(w[p])
     if linear.bias is not None:
         linear.bias.copy_(linear.bias[p])
     return linear
 
 
 @torch.no_grad()
-def permute_linear_cols(linear: torch.nn.Linear, perm: torch.Tensor) -> torch.nn.Linear:
-    """Reorder the input features of ``linear`` in place: afterwards it expects the permuted
-    input, ``new(x[..., perm]) == old(x)``. Returns the layer."""
-    _require_linear(linear, "linear")
-    p = check_permutation(perm, linear.in_features).to(linear.weight.device)
-    linear.weight.copy_(linear.weight[:, p])
+def permute_linear_cols(linear: torch.nn.Module, perm: torch.Tensor) -> torch.nn.Module:
+    """Reorder the input features of ``linear`` (an ``nn.Linear`` or a GPT-2 ``Conv1D``) in
+    place: afterwards it expects the permuted input, ``new(x[..., perm]) == old(x)``. Returns
+    the layer."""
+    w = _weight_rows_by_cols(linear, "linear")
+    p = check_permutation(perm, w.shape[1]).to(w.device)
+    w.copy_(w[:, p])
     return linear
 
 
 def permute_between(
-    producers: Union[torch.nn.Linear, Sequence[torch.nn.Linear]],
-    consumers: Union[torch.nn.Linear, Sequence[torch.nn.Linear]],
+    producers: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+    consumers: Union[torch.nn.Module, Sequence[torch.nn.Module]],
     perm: torch.Tensor,
 ) -> None:
     """Permute the features that flow from ``producers`` to ``consumers`` without changing what
@@ -337,46 +410,54 @@ def permute_between(
     permutation the search found for ``down``, ``down``'s weight columns come out in its searched
     order and no gather is needed; with ``perm`` a row permutation searched for ``up`` (and
     ``gate``), ``down`` absorbs it. Attention needs :func:`permute_attention_values`.
+
+    Producers and consumers are whole layers, each an ``nn.Linear`` or a GPT-2 ``Conv1D`` (its
+    weight is stored transposed; GPT-2's ``mlp.c_fc`` -> ``mlp.c_proj`` works). A producer that
+    emits the features in a slice of its rows (a fused QKV projection) is not handled here:
+    :func:`vnm.sparsify` permutes those itself.
     """
     producers = [producers] if isinstance(producers, torch.nn.Module) else list(producers)
     consumers = [consumers] if isinstance(consumers, torch.nn.Module) else list(consumers)
     if not producers or not consumers:
         raise ValueError("permute_between needs at least one producer and one consumer")
-    for i, lin in enumerate(producers):
-        _require_linear(lin, f"producers[{i}]")
-    for i, lin in enumerate(consumers):
-        _require_linear(lin, f"consumers[{i}]")
-    n = producers[0].out_features
-    for i, lin in enumerate(producers):
-        if lin.out_features != n:
-            raise ValueError(f"producers[{i}] has {lin.out_features} outputs but producers[0] has {n}")
-    for i, lin in enumerate(consumers):
-        if lin.in_features != n:
-            raise ValueError(
-                f"consumers[{i}] takes {lin.in_features} inputs but the producers emit {n} features"
-            )
+    outs = [_weight_rows_by_cols(m, f"producers[{i}]").shape[0] for i, m in enumerate(producers)]
+    ins = [_weight_rows_by_cols(m, f"consumers[{i}]").shape[1] for i, m in enumerate(consumers)]
+    n = outs[0]
+    for i, out in enumerate(outs):
+        if out != n:
+            raise ValueError(f"producers[{i}] has {out} outputs but producers[0] has {n}")
+    for i, k in enumerate(ins):
+        if k != n:
+            raise ValueError(f"consumers[{i}] takes {k} inputs but the producers emit {n} features")
     check_permutation(perm, n)
-    for lin in producers:
-        permute_linear_rows(lin, perm)
-    for lin in consumers:
-        permute_linear_cols(lin, perm)
+    for m in producers:
+        permute_linear_rows(m, perm)
+    for m in consumers:
+        permute_linear_cols(m, perm)
 
 
 def permute_attention_values(
-    v_proj: torch.nn.Linear, o_proj: torch.nn.Linear, perm: torch.Tensor, head_dim: int
+    v_proj: torch.nn.Module, o_proj: torch.nn.Module, perm: torch.Tensor, head_dim: int
 ) -> None:
     """Permute the value features of attention: ``v_proj``'s output rows and ``o_proj``'s input
     columns by ``perm``, in place. ``perm`` must map every head's ``head_dim`` features onto
     themselves (search it with ``search_permutation(..., col_segment=head_dim)`` on ``o_proj``),
-    since attention weights combine one head's values only. Grouped-query attention (fewer value
-    heads than query heads, ``v_proj.out_features != o_proj.in_features``) is not handled."""
-    _require_linear(v_proj, "v_proj")
-    _require_linear(o_proj, "o_proj")
-    p = check_permutation(perm, o_proj.in_features)
-    if v_proj.out_features != o_proj.in_features:
+    since attention weights combine one head's values only.
+
+    Handles separate value and output projections with as many value heads as query heads, each
+    layer an ``nn.Linear`` (or a GPT-2 ``Conv1D``). Not handled here: grouped-query attention
+    (fewer value heads than query heads, ``v_proj``'s outputs fewer than ``o_proj``'s inputs: one
+    value permutation must then serve the ``o_proj`` columns of several query heads) and fused
+    QKV projections (GPT-2's ``c_attn``, whose value features are a slice of its rows).
+    :func:`vnm.sparsify` finds and permutes both kinds itself."""
+    v_out = _weight_rows_by_cols(v_proj, "v_proj").shape[0]
+    o_in = _weight_rows_by_cols(o_proj, "o_proj").shape[1]
+    p = check_permutation(perm, o_in)
+    if v_out != o_in:
         raise ValueError(
-            f"v_proj emits {v_proj.out_features} features but o_proj takes {o_proj.in_features}: "
-            "with grouped-query attention permute per value head (not supported here)"
+            f"v_proj emits {v_out} features but o_proj takes {o_in}: with grouped-query attention "
+            "one value head serves several query heads, which this helper does not handle "
+            "(vnm.sparsify does)"
         )
     if not is_head_preserving(p, head_dim):
         raise ValueError(
@@ -387,6 +468,8 @@ def permute_attention_values(
     permute_linear_cols(o_proj, p)
 
 
-def _require_linear(m, what: str) -> None:
-    if not isinstance(m, torch.nn.Linear):
-        raise TypeError(f"{what} must be a torch.nn.Linear, got {type(m).__name__}")
+def _weight_rows_by_cols(m, what: str) -> torch.Tensor:
+    """The layer's weight as an R x K view (output x input features), or TypeError."""
+    if not is_prunable(m):
+        raise TypeError(f"{what} must be a torch.nn.Linear or a GPT-2 Conv1D, got {type(m).__name__}")
+    return weight_matrix(m)

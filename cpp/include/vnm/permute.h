@@ -21,12 +21,15 @@
 namespace vnm {
 
 struct PermuteOptions {
-  double time_budget_s = 10.0;  // seconds of search (>= 0); the final check comes on top
+  // Seconds of search (finite, >= 0). The set-up before the search and the exact scoring after
+  // it come on top. Inside a round the clock is read every 64 row swaps, between batches of the
+  // row phase's tables and before every column pair, so a round past the budget ends early.
+  double time_budget_s = 10.0;
   uint64_t seed = 0;            // seeds every random choice (pairings, escapes)
   // Stop after this many rounds (0: no limit). A round is one column round (a set of disjoint
-  // column-group pairs improved in parallel) or one row phase. With a round limit that is reached
-  // inside the time budget, the result depends only on the inputs and the seed (not on timing
-  // or the number of threads).
+  // column-group pairs improved in parallel) or one row phase. A search that ends by its round
+  // limit (or its patience) inside the time budget depends only on the inputs, the options and
+  // the seed (not on timing or the number of threads); one the budget ends depends on timing.
   int64_t max_rounds = 0;
   // At a local optimum (no improving move left) the search escapes with a few random swaps and
   // searches on. Stop after this many escapes in a row that do not beat the best state (< 0: no
@@ -36,8 +39,8 @@ struct PermuteOptions {
   bool permute_cols = true;  // search a column permutation
   // Restrict the permutations to map every consecutive segment of this many columns (rows) onto
   // itself, e.g. head_dim for the input columns of an attention output projection. 0: no
-  // restriction. A column segment must divide K; a row segment must be a multiple of V that
-  // divides R.
+  // restriction. A column segment must divide K; a row segment must divide R and, for V:N:M
+  // patterns, be a multiple of V (checked also where rows never move: 2:M, V:2:4).
   int64_t col_segment = 0;
   int64_t row_segment = 0;
 };
@@ -51,9 +54,10 @@ struct PermuteProgress {
   double kept_best = 0;      // best kept score so far (same arithmetic)
 };
 
-// Called from the calling thread between rounds (never from a worker thread). Return false to
-// stop the search early; the best permutation found so far is returned. Exceptions thrown by the
-// callback propagate out of search_permutation.
+// Called from the calling thread (never from a worker thread) between rounds and inside row
+// phases, at most about every 0.2 s. Return false to stop the search early; the best
+// permutation found so far is returned. Exceptions thrown by the callback propagate out of
+// search_permutation (the Python binding turns a pending Ctrl-C into one).
 using PermuteCallback = std::function<bool(const PermuteProgress&)>;
 
 struct PermuteResult {
