@@ -56,10 +56,12 @@ class SparsifyConfig:
     permute: False; 'free' (only permutations a neighbouring layer absorbs: MLP up/gate rows into
         down columns, value rows into output-projection columns within heads); or True / 'all'
         (also input permutations gathered at run time for layers fed by the residual stream).
-    permute_time_budget: seconds of permutation search per layer.
+    permute_time_budget: seconds of permutation search per layer (None: no clock, needs
+        permute_max_rounds).
     permute_max_rounds: also stop each search after this many rounds. A search that ends by its
-        round limit (give it a time budget it never reaches) gives the same permutations for the
-        same model, scores and seed on every machine; a wall-clock budget does not.
+        round limit (``permute_time_budget=None``, or a budget it never reaches) gives the same
+        permutations for the same model, scores and seed on every machine; a wall-clock budget
+        does not.
     skip: module-name globs left dense.
     dtype: dtype of the compressed values (default: the layer's).
     """
@@ -68,7 +70,7 @@ class SparsifyConfig:
     score: Union[str, ScoreFn] = "magnitude"
     calibration: Optional[Iterable] = None
     permute: Union[bool, str] = False
-    permute_time_budget: float = 2.0
+    permute_time_budget: Optional[float] = 2.0
     permute_max_rounds: Optional[int] = None
     skip: Sequence[str] = DEFAULT_SKIP
     dtype: Optional[torch.dtype] = None
@@ -303,7 +305,7 @@ def _plan_heads(edge: HeadsEdge, scores: _Scores, patterns: Dict[str, str], plan
         value_perm = [col_perm[h * d:(h + 1) * d] for h in range(edge.num_heads)]
     else:
         # Query heads sharing a value head need one permutation: search it on their columns stacked.
-        budget = config.permute_time_budget / edge.num_kv_heads
+        budget = None if config.permute_time_budget is None else config.permute_time_budget / edge.num_kv_heads
         col_perm = torch.arange(s.shape[1])
         value_perm = []
         for j in range(edge.num_kv_heads):
