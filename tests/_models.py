@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama():
+def tiny_llama(dtype=None):
+    """A 2-layer LLaMA; with ``dtype``, built in that dtype as ``from_pretrained(dtype=...)`` builds it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 101, (2, 11))}
+    model = LlamaForCausalLM(cfg) if dtype is None else LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval(), {"input_ids": torch.randint(0, 101, (2, 11))}
 
 
 def tiny_gpt2():
@@ -39,6 +41,15 @@ def tiny_bert():
     cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                      vocab_size=120, max_position_embeddings=64)
     return BertModel(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 13))}
+
+
+def tiny_bert_mlm():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=120, max_position_embeddings=64)
+    return BertForMaskedLM(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 13))}
 
 
 def output_tensor(out):

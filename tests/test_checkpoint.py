@@ -168,3 +168,81 @@ def test_load_from_config_and_tied_weights(tmp_path):
     ids = torch.randint(0, 50, (1, 7))
     with torch.no_grad():
         assert torch.equal(output_tensor(loaded(input_ids=ids)), output_tensor(model(input_ids=ids)))
+
+
+def redigest(path, tensors, edit=None):
+    """Rewrite ``path`` with ``tensors`` and a checksum that matches them (a deliberate edit)."""
+    from vnm.checkpoint import _digest
+    d = description(path)
+    d["sha256"] = _digest(tensors)
+    rewrite(path, tensors=tensors, description=edit(d) if edit else d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads_from_its_config_in_its_dtype(tmp_path, dtype):
+    dense, inputs = tiny_llama(dtype)
+    vnm.sparsify(dense, SparsifyConfig(pattern="16:2:8", progress=False))
+    path = vnm.save(dense, tmp_path / "half.safetensors")
+    loaded = vnm.load(path, dense.config)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    assert loaded.model.layers[0].mlp.up_proj.values.dtype == dtype
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, dense(**inputs).logits)
+
+
+def test_a_model_in_another_dtype_is_refused_and_untouched(tmp_path):
+    half, _ = tiny_llama(torch.float16)
+    vnm.sparsify(half, SparsifyConfig(pattern="16:2:8", progress=False))
+    path = vnm.save(half, tmp_path / "half.safetensors")
+    model = fresh()  # float32
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj' is float16 in the checkpoint but "
+                                         r"float32 in the model: build the model in float16"):
+        vnm.load(path, model)
+    assert_untouched(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_dense_tensor_in_another_dtype_is_refused(saved):
+    path, _, _ = saved
+    tensors = load_file(str(path))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].half()
+    redigest(path, tensors)
+    model = fresh()
+    with pytest.raises(ValueError, match="model.norm.weight is float16 in the checkpoint but float32 in the model"):
+        vnm.load(path, model)
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: {**d, "layers": {**d["layers"], "model.layers.0.mlp.up_proj": "16:2:8"}},
+     r"the entry of layer 'model.layers.0.mlp.up_proj' is a str, not an object"),
+    (lambda d: {**d, "layers": {k: {**v, "shape": [160, 64, 1]} for k, v in d["layers"].items()}},
+     r"has shape \[160, 64, 1\] in the checkpoint, not \[out_features, in_features\]"),
+    (lambda d: {**d, "layers": {k: {**v, "dtype": "float64"} for k, v in d["layers"].items()}},
+     r"has dtype 'float64', not one of float32, float16, bfloat16"),
+])
+def test_malformed_layer_entries(saved, edit, message):
+    path, _, _ = saved
+    rewrite(path, description=edit(description(path)))
+    model = fresh()
+    with pytest.raises(ValueError, match=message):
+        vnm.load(path, model)
+    assert_untouched(model)
+
+
+def test_wrong_bias_names_the_file_and_layer(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+
+    model = build()
+    vnm.sparsify(model, SparsifyConfig(pattern="16:2:8", progress=False))
+    path = vnm.save(model, tmp_path / "b.safetensors")
+    tensors = load_file(str(path))
+    tensors["0.bias"] = tensors["0.bias"][:60].clone()
+    redigest(path, tensors)
+    target = build()
+    with pytest.raises(ValueError, match=r"b.safetensors: layer '0': bias must have shape \(64,\), got \(60,\)"):
+        vnm.load(path, target)
+    assert_untouched(target)

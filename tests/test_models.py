@@ -2,6 +2,7 @@
 masked weights, and saves / loads back with identical outputs and less memory."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -118,3 +119,67 @@ def test_unservable_shape_is_skipped_with_the_reason():
     report = vnm.sparsify(model, SparsifyConfig(pattern="64:2:8", progress=False))
     assert report.layers[1].skipped.startswith("shape 20x64 pads to 64x64 under 64:2:8")
     assert isinstance(model[0], VNMLinear) and isinstance(model[1], nn.Linear)
+
+
+def test_masked_lm_head_stays_dense():
+    from _models import tiny_bert_mlm
+
+    dense, inputs = tiny_bert_mlm()
+    assert dense.cls.predictions.decoder.weight is dense.bert.embeddings.word_embeddings.weight  # tied
+    model = copy.deepcopy(dense)
+    report = vnm.sparsify(model, SparsifyConfig(pattern="16:2:8", progress=False))
+    skipped = {r.name: r.skipped for r in report.skipped}
+    assert skipped == {"cls.predictions.transform.dense": "output head (default skip pattern 'cls.*')",
+                       "cls.predictions.decoder": "output head (default skip pattern 'cls.*')"}
+    assert isinstance(model.cls.predictions.decoder, nn.Linear)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # still tied
+    assert len(report.sparse) == 12  # 6 linear layers in each of the 2 encoder layers
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, masked_dense_copy(dense, model)(**inputs).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lm_head", "model.lm_head", "qa_outputs", "embed_out", "cls.seq_relationship"])
+def test_default_skip_names_common_heads(name):
+    from vnm.sparsify import DEFAULT_SKIP, find_layers
+
+    parent = nn.Module()
+    child = parent
+    for part in name.split(".")[:-1]:
+        child.add_module(part, nn.Module())
+        child = getattr(child, part)
+    child.add_module(name.split(".")[-1], nn.Linear(64, 64))
+    (rep,) = find_layers(parent, SparsifyConfig(pattern="2:4"))
+    assert rep.name == name and rep.skipped.startswith("output head (default skip pattern"), rep.skipped
+    assert rep.skipped.endswith("')") and any(f"'{g}'" in rep.skipped for g in DEFAULT_SKIP)
+
+
+def test_user_skip_pattern_is_named_and_logged(caplog):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 20))
+    with caplog.at_level(logging.INFO, logger="vnm"):
+        report = vnm.sparsify(model, SparsifyConfig(pattern="64:2:8", skip=["1"], progress=False))
+    assert report["1"].skipped == "matches config.skip pattern '1'"
+    assert [r.name for r in report.sparse] == ["0"]
+    by_layer = {r.getMessage().split()[0]: r for r in caplog.records if r.name == "vnm"}
+    assert by_layer["1"].levelno == logging.INFO and "matches config.skip pattern '1'" in by_layer["1"].getMessage()
+    # a layer that was meant to be sparse but whose shape cannot be served is a warning
+    assert by_layer["2"].levelno == logging.WARNING and "20x64 pads to 64x64" in by_layer["2"].getMessage()
+    assert "0" not in by_layer
+
+
+def test_sparsifying_a_sparsified_model_says_so():
+    dense, _ = tiny_llama()
+    vnm.sparsify(dense, SparsifyConfig(pattern="16:2:8", progress=False))
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM is already sparsified \(14 VNMLinear layers\)"):
+        vnm.sparsify(dense, SparsifyConfig(pattern="16:2:8", progress=False))
+
+
+def test_a_dtype_other_than_the_models_is_refused_before_any_change():
+    dense, inputs = tiny_llama()
+    with pytest.raises(ValueError, match=r"dtype=torch.float16\) but model.layers.0.self_attn.q_proj is "
+                                         r"torch.float32.*model.to\(torch.float16\)"):
+        vnm.sparsify(dense, SparsifyConfig(pattern="16:2:8", dtype=torch.float16, progress=False))
+    assert not any(isinstance(m, VNMLinear) for m in dense.modules())
+    half, _ = tiny_llama(torch.float16)  # the dtype the model has is accepted
+    vnm.sparsify(half, SparsifyConfig(pattern="16:2:8", dtype=torch.float16, progress=False))
+    assert half.model.layers[0].mlp.up_proj.values.dtype == torch.float16
+    assert half(**inputs).logits.dtype == torch.float16

@@ -6,8 +6,9 @@ optional ``.perm``, ``.row_perm``, ``.bias``). Its header metadata holds a JSON 
 the key ``vnm``: format version, library version, the sparse layers with their pattern, shape,
 dtype and whether they carry an input or output permutation, and a SHA-256 of all tensor bytes.
 
-Loading validates everything (version, JSON, layer names and shapes, storage well-formedness,
-checksum) before it changes the model, so a bad file raises ``ValueError`` and loads nothing.
+Loading validates everything (version, JSON, layer names, shapes and dtypes, storage
+well-formedness, checksum) before it changes the model, so a bad file raises ``ValueError`` and
+loads nothing.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def read_description(path: Union[str, os.PathLike]) -> dict:
         raise ValueError(f"{path}: the vnm description is not valid JSON ({exc}); the metadata was edited") from exc
     if not isinstance(desc, dict) or not isinstance(desc.get("layers"), dict):
         raise ValueError(f"{path}: the vnm description has no 'layers' table; the metadata was edited")
+    for name, info in desc["layers"].items():
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: the entry of layer {name!r} is a {type(info).__name__}, not an object; "
+                             "the metadata was edited")
     version = desc.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format version {version!r} is not supported by vnm {__version__} "
@@ -105,15 +110,16 @@ def read_description(path: Union[str, os.PathLike]) -> dict:
 def load(path: Union[str, os.PathLike], model_or_config) -> nn.Module:
     """Load a checkpoint written by :func:`save` into a model of the same architecture.
 
-    ``model_or_config`` is the dense model (e.g. freshly built, weights irrelevant) or a Hugging
-    Face config (the model is built with ``AutoModel``/``AutoModelForCausalLM.from_config``). Its
-    sparse layers are replaced by :class:`VNMLinear` holding only compressed storage. Any mismatch
-    or corruption raises ``ValueError`` before the model is modified.
+    ``model_or_config`` is the dense model (e.g. freshly built, weights irrelevant; its dtype
+    must be the checkpoint's) or a Hugging Face config (the class that was saved is built, in the
+    dtype the checkpoint records, as ``from_pretrained(..., dtype=...)`` builds it). Its sparse
+    layers are replaced by :class:`VNMLinear` holding only compressed storage. Any mismatch
+    (names, shapes, dtypes) or corruption raises ``ValueError`` before the model is modified.
     """
     from safetensors.torch import load_file  # noqa: PLC0415
 
     desc = read_description(path)
-    model = _model_from(model_or_config, desc.get("model_class"))
+    model = _model_from(model_or_config, desc, path)
     try:
         tensors = load_file(str(path))
     except Exception as exc:
@@ -134,11 +140,21 @@ def load(path: Union[str, os.PathLike], model_or_config) -> nn.Module:
             raise ValueError(f"{path}: sparse layer {name!r} does not exist in {type(model).__name__}") from None
         if not is_prunable(dense) and not isinstance(dense, VNMLinear):
             raise ValueError(f"{path}: {name!r} is a {type(dense).__name__} in the model, not a linear layer")
-        shape = tuple(info.get("shape", ()))
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) for n in shape)):
+            raise ValueError(f"{path}: layer {name!r} has shape {shape!r} in the checkpoint, not "
+                             "[out_features, in_features]; the metadata was edited")
+        shape = tuple(shape)
         expected = _linear_shape(dense)
         if shape != expected:
-            raise ValueError(f"{path}: layer {name!r} is {shape[0] if shape else '?'}x{shape[1] if len(shape) > 1 else '?'} "
-                             f"in the checkpoint but {expected[0]}x{expected[1]} in the model")
+            raise ValueError(f"{path}: layer {name!r} is {shape[0]}x{shape[1]} in the checkpoint but "
+                             f"{expected[0]}x{expected[1]} in the model")
+        dtype = _dtype(path, name, info.get("dtype"))
+        model_dtype = dense.values.dtype if isinstance(dense, VNMLinear) else dense.weight.dtype
+        if dtype != model_dtype:
+            raise ValueError(f"{path}: layer {name!r} is {_name(dtype)} in the checkpoint but {_name(model_dtype)} "
+                             f"in the model: build the model in {_name(dtype)} (from_pretrained(..., "
+                             f"dtype=torch.{_name(dtype)})) or pass its config to vnm.load")
         arrays = {}
         keys = ("values", "meta", "columns") + (("perm",) if info.get("perm") else ()) + \
             (("row_perm",) if info.get("row_perm") else ())
@@ -147,15 +163,19 @@ def load(path: Union[str, os.PathLike], model_or_config) -> nn.Module:
             if full not in tensors:
                 raise ValueError(f"{path}: missing tensor {full}")
             arrays[key] = tensors.pop(full)
-        try:
-            w = VNMTensor(arrays["values"], arrays["meta"], arrays["columns"], info.get("pattern"), shape,
-                          arrays.get("perm"), row_perm=arrays.get("row_perm"))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: layer {name!r}: {exc}") from exc
         bias = tensors.pop(f"{name}.bias", None)
         if info.get("bias") and bias is None:
             raise ValueError(f"{path}: missing tensor {name}.bias")
-        new_layers[name] = VNMLinear.from_tensor(w, bias)
+        for key, t in (("values", arrays["values"]), ("bias", bias)):
+            if t is not None and t.dtype != dtype:
+                raise ValueError(f"{path}: {name}.{key} is {_name(t.dtype)} but the layer is recorded as "
+                                 f"{_name(dtype)}; the file was edited")
+        try:
+            w = VNMTensor(arrays["values"], arrays["meta"], arrays["columns"], info.get("pattern"), shape,
+                          arrays.get("perm"), row_perm=arrays.get("row_perm"))
+            new_layers[name] = VNMLinear.from_tensor(w, bias)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: layer {name!r}: {exc}") from exc
 
     # 2. Check the remaining (dense) tensors against the model's state dict.
     expected_state = {k: v for k, v in model.state_dict().items()
@@ -170,6 +190,9 @@ def load(path: Union[str, os.PathLike], model_or_config) -> nn.Module:
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)} in the checkpoint, "
                              f"{tuple(v.shape)} in the model")
+        if tensors[k].dtype != v.dtype:  # load_state_dict would cast silently
+            raise ValueError(f"{path}: {k} is {_name(tensors[k].dtype)} in the checkpoint but {_name(v.dtype)} "
+                             f"in the model: build the model in the checkpoint's dtype or pass its config to vnm.load")
 
     # 3. Everything is valid: now change the model.
     for name, layer in new_layers.items():
@@ -186,7 +209,30 @@ def _linear_shape(module: nn.Module):
     return (module.nf, module.weight.shape[0])  # Conv1D: weight (in, out)
 
 
-def _model_from(model_or_config, model_class) -> nn.Module:
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype(path, layer: str, name) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"{path}: layer {layer!r} has dtype {name!r}, not one of {', '.join(_DTYPES)}; "
+                         "the metadata was edited")
+    return _DTYPES[name]
+
+
+def _recorded_dtype(path, desc: dict) -> torch.dtype:
+    """The dtype of the saved model's sparse layers (the dtype to build a model from a config in)."""
+    dtypes = {_dtype(path, name, info.get("dtype")) for name, info in desc["layers"].items()}
+    if len(dtypes) != 1:
+        raise ValueError(f"{path}: the sparse layers are stored in several dtypes "
+                         f"({', '.join(sorted(map(_name, dtypes)))}); pass the model itself instead of its config")
+    return dtypes.pop()
+
+
+def _model_from(model_or_config, desc: dict, path) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
         return model_or_config
     try:
@@ -195,10 +241,12 @@ def _model_from(model_or_config, model_class) -> nn.Module:
         transformers = None
     if transformers is not None and isinstance(model_or_config, transformers.PretrainedConfig):
         # Build the class that was saved (a config alone does not say whether it was, say,
-        # GPT2Model or GPT2LMHeadModel).
+        # GPT2Model or GPT2LMHeadModel), in the saved dtype, as from_pretrained(dtype=...) does
+        # (buffers computed at init, such as rotary frequencies, stay in the dtype the class gives them).
+        model_class = desc.get("model_class")
         cls = getattr(transformers, model_class or "", None)
-        if cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
             raise ValueError(f"the checkpoint's model class {model_class!r} is not a transformers model class; "
                              "pass the model itself instead of its config")
-        return cls(model_or_config).eval()
+        return cls._from_config(model_or_config, dtype=_recorded_dtype(path, desc)).eval()
     raise TypeError(f"model_or_config must be an nn.Module or a transformers config, got {type(model_or_config).__name__}")

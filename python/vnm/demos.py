@@ -61,6 +61,8 @@ def minilm_demo(out, patterns=("2:4", "64:2:5", "64:2:8"), score: str = "wanda",
     import csv  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
+    from . import scores as scores_mod  # noqa: PLC0415
+    from .calibration import DEFAULT_ENTROPY_BINS, calibrate  # noqa: PLC0415
     from .cli import module_bytes, time_forward  # noqa: PLC0415
     from .data import english_sentences  # noqa: PLC0415
     from .models import embed, embedding_cosine, load_minilm, token_batches  # noqa: PLC0415
@@ -75,7 +77,17 @@ def minilm_demo(out, patterns=("2:4", "64:2:5", "64:2:8"), score: str = "wanda",
     print(f"all-MiniLM-L6-v2 (real weights), score {score}; calibration: {len(calib)} English sentences, "
           f"evaluation: {len(heldout)} held-out sentences from other documents")
     ref = embed(dense, tok, heldout)
-    batches = token_batches(tok, calib[:256]) if score != "magnitude" else None
+    # Calibrate the dense model once: every configuration below starts from the same dense weights,
+    # so its statistics are the ones sparsify would collect again for each of them.
+    stats = None
+    if scores_mod.needs_stats(score):
+        stats = calibrate(dense, token_batches(tok, calib[:256]),
+                          entropy_bins=DEFAULT_ENTROPY_BINS if score == "entropy" else None)
+    score_fn = scores_mod.get(score)
+
+    def calibrated_score(weight, _stats, *, layer):
+        return score_fn(weight, None if stats is None else stats[layer], layer=layer)
+
     dense_linear = sum(m.weight.numel() * m.weight.element_size() for n, m in dense.named_modules()
                        if isinstance(m, torch.nn.Linear) and "pooler" not in n)
     lat_batch = None
@@ -90,8 +102,8 @@ def minilm_demo(out, patterns=("2:4", "64:2:5", "64:2:8"), score: str = "wanda",
     for pattern in patterns:
         for permute in permutes:
             model = copy.deepcopy(dense)
-            report = sparsify(model, SparsifyConfig(pattern=pattern, score=score, calibration=batches,
-                                                    permute=permute, permute_time_budget=time_budget))
+            report = sparsify(model, SparsifyConfig(pattern=pattern, score=calibrated_score, permute=permute,
+                                                    permute_time_budget=time_budget))
             emb = embed(model, tok, heldout)
             mean, worst = embedding_cosine(ref, emb)
             linear = sum(m.nbytes for m in model.modules() if isinstance(m, VNMLinear))

