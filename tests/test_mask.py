@@ -1,4 +1,7 @@
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +97,27 @@ def test_ties_go_to_lower_columns():
 def test_select_accepts_half_scores_and_keeps_device(gen):
     s = torch.rand(32, 16, generator=gen)
     assert torch.equal(vnm.select_mask(s.half(), "16:2:8"), vnm.select_mask(s.half().float(), "16:2:8"))
+
+
+def test_nm_with_huge_m_does_not_allocate_by_m():
+    # N:M allows any M; a 4 x 4 matrix at 1:100000000 is one group of 4 per row. Sizing anything
+    # by M would take hundreds of MB (per thread); run in a fresh process to see its peak memory.
+    code = (
+        "import resource, torch, vnm\n"
+        "s = torch.rand(4, 4)\n"
+        "expected = torch.zeros(4, 4, dtype=torch.bool).scatter_(1, s.argmax(1, keepdim=True), True)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for backend in ('native', 'torch'):\n"
+        "    assert torch.equal(vnm.select_mask(s, '1:100000000', backend=backend), expected)\n"
+        "    vnm.check_mask(expected, '1:100000000')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    package_dir = str(Path(vnm.__file__).resolve().parents[1])  # the vnm this session imported
+    pre = f"import sys; sys.path.insert(0, {package_dir!r})\n"
+    out = subprocess.run([sys.executable, "-c", pre + code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    grown_kib = int(out.stdout.split()[-1])
+    assert grown_kib < 50 * 1024, f"peak memory grew by {grown_kib} KiB"
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,8 @@ void select_nm(const float* scores, int64_t R, int64_t K, const Pattern& p, uint
   const int N = p.N, M = p.M;
   const int64_t groups = ceil_div(K, M);
   parallel_for(R, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int> idx(M);
+    // A group never holds more than K columns: size by that, not by M (N:M allows any M).
+    std::vector<int> idx(size_t(std::min<int64_t>(M, K)));
     for (int64_t r = begin; r < end; ++r) {
       const float* row = scores + r * K;
       uint8_t* out = mask + r * K;

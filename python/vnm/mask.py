@@ -105,13 +105,15 @@ def _select_mask_torch(s: torch.Tensor, p) -> torch.Tensor:
 def _select_nm_torch(s: torch.Tensor, N: int, M: int) -> torch.Tensor:
     R, K = s.shape
     G = math.ceil(K / M)
+    # A single group is K wide: padding it out to a huge M would only allocate.
+    width = M if G > 1 else K
     # Padding scores -1 rank below every real (non-negative) score: a short last group keeps its
     # min(N, width) real columns, as the C++ core does.
-    g = F.pad(s, (0, G * M - K), value=-1.0).view(R, G, M)
+    g = F.pad(s, (0, G * width - K), value=-1.0).view(R, G, width)
     # A stable descending sort keeps equal scores in column order: ties go to lower columns.
     top = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :N]
     mask = torch.zeros(g.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, True)
-    return mask.view(R, G * M)[:, :K]
+    return mask.view(R, G * width)[:, :K]
 
 
 def _select_vnm_torch(s: torch.Tensor, V: int, M: int) -> torch.Tensor:
