@@ -99,6 +99,17 @@ def test_select_accepts_half_scores_and_keeps_device(gen):
     assert torch.equal(vnm.select_mask(s.half(), "16:2:8"), vnm.select_mask(s.half().float(), "16:2:8"))
 
 
+def test_float64_scores_are_selected_as_float32(gen):
+    s = torch.rand(32, 16, generator=gen, dtype=torch.float64)
+    for backend in ("native", "torch"):
+        assert torch.equal(vnm.select_mask(s, "16:2:8", backend=backend),
+                           vnm.select_mask(s.float(), "16:2:8", backend=backend))
+        big = s.clone()
+        big[3, 5] = 1e300
+        with pytest.raises(ValueError, match=r"converted to float32.*1e\+300 at \(3, 5\) overflows.*rescale"):
+            vnm.select_mask(big, "16:2:8", backend=backend)
+
+
 def test_nm_with_huge_m_does_not_allocate_by_m():
     # N:M allows any M; a 4 x 4 matrix at 1:100000000 is one group of 4 per row. Sizing anything
     # by M would take hundreds of MB (per thread); run in a fresh process to see its peak memory.

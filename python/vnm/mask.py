@@ -34,6 +34,10 @@ def select_mask(scores: torch.Tensor, pattern: PatternLike, *, backend: str = "a
     row. Ties go to lower column indices. Shapes that are not multiples of V or M are padded with
     zero scores, selected and cropped.
 
+    Scores are converted to float32 first: float64 values beyond float32's range (about 3.4e38)
+    raise ``ValueError`` (rescale them), values below its smallest subnormal (about 1.4e-45)
+    become 0.
+
     ``backend``: ``"native"`` runs the C++ core on the CPU (scores on another device are copied
     there and the mask back); ``"torch"`` runs an exact vectorised torch enumeration on the
     scores' own device (N:M, and V:N:M with M <= 16); ``"auto"`` (default) uses torch for CUDA
@@ -54,10 +58,11 @@ def select_mask(scores: torch.Tensor, pattern: PatternLike, *, backend: str = "a
             f"backend='torch' enumerates every column set and supports M <= {TORCH_MAX_M}; "
             f"pattern '{p}' has M={p.M}: use backend='native' (C++ branch and bound)"
         )
+    s = _as_float32_scores(scores)
     if backend == "torch" or (backend == "auto" and torch_ok and scores.device.type == "cuda"):
-        return _select_mask_torch(scores.detach().to(torch.float32), p)
+        return _select_mask_torch(s, p)
     R, K = scores.shape
-    s = scores.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    s = s.to("cpu").contiguous()
     out = torch.empty((R, K), dtype=torch.uint8)
     _C.select_mask(s, R, K, p, out)
     return out.view(torch.bool).to(scores.device)
@@ -74,6 +79,23 @@ def torch_supports(pattern: PatternLike) -> bool:
 # Elements of the (blocks x V x column sets) working tensors per chunk: ~64 MiB of float32 each,
 # so a GPU keeps several in flight without memory pressure and a CPU test stays small.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _as_float32_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` as float32 on their device; a finite value that overflows float32 raises
+    ``ValueError`` (a later "got inf" would blame the input for what the conversion did)."""
+    s = scores.detach().to(torch.float32)
+    if torch.finfo(scores.dtype).max > torch.finfo(torch.float32).max:
+        overflow = torch.isinf(s) & torch.isfinite(scores)
+        if bool(overflow.any()):
+            first = int(overflow.flatten().nonzero()[0])
+            r, c = divmod(first, scores.shape[1])
+            raise ValueError(
+                f"scores are converted to float32 for selection and {float(scores[r, c]):g} at "
+                f"({r}, {c}) overflows it (float32 max {torch.finfo(torch.float32).max:.3g}): "
+                "rescale the scores first, e.g. scores / scores.max()"
+            )
+    return s
 
 
 def _check_scores_torch(s: torch.Tensor) -> None:
