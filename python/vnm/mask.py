@@ -30,21 +30,25 @@ def select_mask(scores: torch.Tensor, pattern: PatternLike, *, backend: str = "a
     tensor on any device; the result is a ``torch.bool`` tensor of the same shape and device.
 
     V:N:M: in every V x M block, the 4 columns and per row the 2 of them that maximise the kept
-    sum, exactly (branch and bound over the C(M, 4) column sets). N:M: the top N of every M per
-    row. Ties go to lower column indices. Shapes that are not multiples of V or M are padded with
-    zero scores, selected and cropped.
+    sum, exactly. N:M: the top N of every M per row. Shapes that are not multiples of V or M are
+    padded with zero scores, selected and cropped.
 
     Scores are converted to float32 first: float64 values beyond float32's range (about 3.4e38)
     raise ``ValueError`` (rescale them), values below its smallest subnormal (about 1.4e-45)
-    become 0.
+    become 0. A block's kept score is the float32 sum of its rows' top-two sums in one fixed
+    order, the same in both backends.
+
+    Ties, the same in both backends, so they return identical masks for identical scores:
+
+    * V:N:M column sets: among the sets of equal kept score, the one whose ascending column
+      offsets come first lexicographically ((0, 1, 2, 5) before (0, 1, 3, 4)).
+    * Within the 4 selected columns, and within an N:M group, a row keeps the highest scores,
+      equal scores going to the lower column offset.
 
     ``backend``: ``"native"`` runs the C++ core on the CPU (scores on another device are copied
     there and the mask back); ``"torch"`` runs an exact vectorised torch enumeration on the
     scores' own device (N:M, and V:N:M with M <= 16); ``"auto"`` (default) uses torch for CUDA
-    scores when it supports the pattern and the C++ core otherwise. Both are exact and keep the
-    same total score; where two column sets of a block tie exactly they may pick different ones
-    (C++ keeps the first best in its search order, torch the first in lexicographic order of
-    column offsets).
+    scores when it supports the pattern and the C++ core otherwise.
     """
     p = as_pattern(pattern)
     require_2d(scores, "scores")
@@ -79,6 +83,8 @@ def torch_supports(pattern: PatternLike) -> bool:
 # Elements of the (blocks x V x column sets) working tensors per chunk: ~64 MiB of float32 each,
 # so a GPU keeps several in flight without memory pressure and a CPU test stays small.
 _CHUNK_ELEMENTS = 1 << 24
+# Interleaved partial sums of the C++ lane_sum (detail::kLanes); V is a multiple of 16.
+_LANES = 8
 
 
 def _as_float32_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -96,6 +102,22 @@ def _as_float32_scores(scores: torch.Tensor) -> torch.Tensor:
                 "rescale the scores first, e.g. scores / scores.max()"
             )
     return s
+
+
+def _lane_sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 1 (V rows, V a multiple of 8) of ``x`` (n, V, C) in exactly the float32
+    operations of the C++ core's ``lane_sum`` (cpp/src/block_select.h): 8 interleaved partial sums,
+    row r into lane r % 8, each accumulated in row order, then the lanes added in order. With the
+    same per-row terms both backends get bit-identical block values, so exact comparisons (and
+    the tie rule) give the same column set on CPU and CUDA."""
+    lanes = x.unflatten(1, (x.shape[1] // _LANES, _LANES))  # (n, V / 8, 8, C)
+    acc = lanes[:, 0]
+    for i in range(1, lanes.shape[1]):
+        acc = acc + lanes[:, i]
+    total = acc[:, 0]
+    for lane in range(1, _LANES):
+        total = total + acc[:, lane]
+    return total
 
 
 def _check_scores_torch(s: torch.Tensor) -> None:
@@ -151,8 +173,9 @@ def _select_vnm_torch(s: torch.Tensor, V: int, M: int) -> torch.Tensor:
     for b0 in range(0, n_blocks, chunk):
         blk = blocks[b0 : b0 + chunk]
         a, b, c, d = (blk[:, :, combos[:, i]] for i in range(4))  # each (chunk, V, C)
-        kept = _top2_sum_of_4(a, b, c, d).sum(dim=1)  # (chunk, C): kept score of each column set
-        best[b0 : b0 + chunk] = kept.argmax(dim=1)  # first maximum: lowest set on exact ties
+        kept = _lane_sum_rows(_top2_sum_of_4(a, b, c, d))  # (chunk, C): each set's kept score
+        # argmax returns the first maximum and combos are lexicographic: the tie rule.
+        best[b0 : b0 + chunk] = kept.argmax(dim=1)
     selected = combos[best]  # (n_blocks, 4) column offsets, ascending
     sel_rows = selected[:, None, :].expand(n_blocks, V, 4)
     values = torch.gather(blocks, 2, sel_rows)
