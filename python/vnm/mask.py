@@ -49,6 +49,12 @@ def select_mask(scores: torch.Tensor, pattern: PatternLike, *, backend: str = "a
     there and the mask back); ``"torch"`` runs an exact vectorised torch enumeration on the
     scores' own device (N:M, and V:N:M with M <= 16); ``"auto"`` (default) uses torch for CUDA
     scores when it supports the pattern and the C++ core otherwise.
+
+    Cost: the C++ core is a branch and bound over the C(M, 4) column sets of each block, blocks
+    spread over the threads. Measured on a 2-core x86_64 CPU with |N(0, 1)| scores: an
+    11008 x 4096 layer at 64:2:8 in about 0.25 s (2 threads); one block, on one thread, in about
+    0.7 ms at 64:2:64, 5 ms at 64:2:128 and 0.3 s at 256:2:256. Scores with many exact ties near
+    the best value prune less: a 256:2:256 block of integers in {0, 1, 2} took 1.3 s.
     """
     p = as_pattern(pattern)
     require_2d(scores, "scores")
