@@ -58,7 +58,8 @@ struct BlockScratch {
 
 // Finds the best 4 columns of the block loaded in b.nat (M > 4); writes their offsets, ascending,
 // to best[] and returns the kept score of the block, sum over rows of the top two of the 4, as
-// the float lane sum of the search (the value select_mask maximises).
+// the float lane sum of the search (the value select_mask maximises). Of sets with equal kept
+// score it returns the one whose ascending offsets come first lexicographically.
 float best_columns(BlockScratch& b, int best[4]);
 
 // Throws std::invalid_argument naming the first score (of n, rows of K) that is negative, NaN or

@@ -15,12 +15,12 @@ PatternLike = Union[str, "Pattern"]
 
 
 def as_pattern(pattern: PatternLike) -> Pattern:
-    """``Pattern`` from a pattern or its text ('64:2:8', '2:4'); raises ``ValueError`` or
-    ``TypeError`` naming the problem."""
+    """``Pattern`` from a pattern or its text ('64:2:8', '2:4', surrounding whitespace ignored);
+    raises ``ValueError`` or ``TypeError`` naming the problem."""
     if isinstance(pattern, Pattern):
         return pattern
     if isinstance(pattern, str):
-        return Pattern.parse(pattern.strip())
+        return Pattern.parse(pattern)
     raise TypeError(
         f"pattern must be a vnm.Pattern or a string like '64:2:8' or '2:4', got {type(pattern).__name__}"
     )

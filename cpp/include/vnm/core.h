@@ -18,10 +18,14 @@ namespace vnm {
 std::string check_mask(const uint8_t* mask, int64_t R, int64_t K, const Pattern& p);
 
 // Writes the mask (R x K) that keeps the most total score under `p`. V:N:M: for every V x M block
-// the 4 columns and, per row, the 2 of them that maximise the kept sum (exact). N:M: the top N of
-// every M per row. Ties go to lower column indices. Shapes that are not multiples of V or M are
-// padded with zero scores, selected and cropped. Scores must be finite and non-negative
-// (importance values such as |W|); otherwise std::invalid_argument names a bad position.
+// the 4 columns and, per row, the 2 of them that maximise the kept sum (exact; a block's kept sum
+// is the float lane sum of its rows' top-two sums, see select.cpp). N:M: the top N of every M per
+// row. Ties: among column sets of equal kept sum, the one whose ascending offsets come first
+// lexicographically; within the selected columns or an N:M group, equal scores go to the lower
+// offset. The torch backend (python/vnm/mask.py) follows the same sums and rules, so both give
+// the same mask. Shapes that are not multiples of V or M are padded with zero scores, selected
+// and cropped. Scores must be finite and non-negative (importance values such as |W|); otherwise
+// std::invalid_argument names a bad position.
 void select_mask(const float* scores, int64_t R, int64_t K, const Pattern& p, uint8_t* mask);
 
 // ---- compressed storage -------------------------------------------------------------------
