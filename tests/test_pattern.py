@@ -111,3 +111,11 @@ def test_uncompressible_pattern_cannot_be_stored():
     mask = vnm.select_mask(w.abs(), "4:8")
     with pytest.raises(ValueError, match="cannot be stored compressed"):
         vnm.VNMTensor.from_dense(w, mask, "4:8")
+
+
+def test_pattern_equals_its_text_and_hashes_alike():
+    p = vnm.Pattern.parse("64:2:8")
+    assert p == "64:2:8" and p == " 64:2:8 " and p != "64:2:5" and p != "not a pattern" and p != 3
+    assert vnm.Pattern.parse("2:4") == "2:4"
+    assert hash(p) == hash(vnm.Pattern.parse("64:2:8"))
+    assert {p: 1}[vnm.Pattern.parse("64:2:8")] == 1

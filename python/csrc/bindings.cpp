@@ -290,6 +290,14 @@ NB_MODULE(_C, m) {
       .def("__str__", &vnm::Pattern::str)
       .def("__repr__", [](const vnm::Pattern& p) { return "Pattern('" + p.str() + "')"; })
       .def("__eq__", [](const vnm::Pattern& a, const vnm::Pattern& b) { return a == b; })
+      .def("__eq__", [](const vnm::Pattern& a, const std::string& text) {
+        // Pattern.parse("2:4") == "2:4", as hash() already agrees (it hashes the text)
+        try {
+          return a == vnm::Pattern::parse(text);
+        } catch (const std::invalid_argument&) {
+          return false;
+        }
+      })
       .def("__eq__", [](const vnm::Pattern&, nb::handle) { return false; })
       .def("__hash__", [](const vnm::Pattern& p) { return nb::hash(nb::str(p.str().c_str())); })
       .def("__getstate__", [](const vnm::Pattern& p) { return p.str(); })
