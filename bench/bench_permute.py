@@ -161,10 +161,13 @@ def main():
         for kind, items in kinds.items():
             results = [search(s, pattern, args.layer_budget) for _, s in items]
             print(row(f"{kind} (x{len(items)})", _Sum(results), tuple(items[0][1].shape)), flush=True)
-        # What folds into the neighbours at zero cost: o_proj's columns within heads (v_proj's rows
-        # take the permutation) and down's columns (up's rows take it); their rows feed the
-        # residual stream and stay put.
+        # What is free at inference (vnm.sparsify's permute='free'): o_proj's columns within heads
+        # (v_proj's rows take the permutation) and down's columns (up's rows take it), each with its
+        # rows scattered back where the output is written (VNMTensor.row_perm) -- for down that is
+        # the unconstrained search above; and, for comparison, the same columns with the rows left
+        # in place (the layers before row scattering existed).
         for kind, extra, label in [
+            ("attention.output.dense", dict(col_segment=head_dim), "rows + columns within heads"),
             ("attention.output.dense", dict(permute_rows=False, col_segment=head_dim), "columns within heads"),
             ("output.dense", dict(permute_rows=False), "columns only"),
         ]:
