@@ -81,14 +81,19 @@ def test_mask_diversity_breaks_near_ties(tmp_path, gen):
     assert lenient.pattern == max(survivors, key=log_mask_diversity) == "64:2:5"
 
 
-def test_per_layer_choice(tmp_path, gen):
-    scores = {"wide": planted("64:2:5", 128, 80, gen), "narrow": planted("64:2:8", 64, 64, gen)}
-    path = tmp_path / "t.csv"
+def two_layer_table(path):
+    """Speedups of a 128 x 80 layer (SPEEDUPS) and a 64 x 64 one, which gains 0.5x less."""
     rows = ["pattern,R,K,N,speedup_dense"]
     for p, s in SPEEDUPS.items():
         rows.append(f"{p},128,80,2048,{s}")
-        rows.append(f"{p},64,64,2048,{s - 0.5}")  # the small layer gains less
+        rows.append(f"{p},64,64,2048,{s - 0.5}")
     path.write_text("\n".join(rows))
+    return path
+
+
+def test_per_layer_choice(tmp_path, gen):
+    scores = {"wide": planted("64:2:5", 128, 80, gen), "narrow": planted("64:2:8", 64, 64, gen)}
+    path = two_layer_table(tmp_path / "t.csv")
     choice = vnm.choose_pattern(scores, 1.5, CANDIDATES, path, per_layer=True, progress=False)
     assert choice.pattern is None and choice.per_layer
     assert choice.patterns == {"wide": "64:2:5", "narrow": "64:2:8"}
@@ -219,12 +224,7 @@ def test_diversity_ties_are_broken_by_kept_importance(tmp_path, gen, monkeypatch
 
 def test_per_layer_diversity_takes_each_layers_most_diverse_fast_pattern(tmp_path, gen):
     scores = {"wide": planted("64:2:8", 128, 80, gen), "narrow": planted("64:2:8", 64, 64, gen)}
-    path = tmp_path / "t.csv"
-    rows = ["pattern,R,K,N,speedup_dense"]
-    for p, s in SPEEDUPS.items():
-        rows.append(f"{p},128,80,2048,{s}")
-        rows.append(f"{p},64,64,2048,{s - 0.5}")
-    path.write_text("\n".join(rows))
+    path = two_layer_table(tmp_path / "t.csv")
     kept = vnm.choose_pattern(scores, 1.5, CANDIDATES, path, per_layer=True, progress=False)
     diverse = vnm.choose_pattern(scores, 1.5, CANDIDATES, path, per_layer=True, proxy="diversity", progress=False)
     assert kept.patterns == {"wide": "64:2:8", "narrow": "64:2:8"}
