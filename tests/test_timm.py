@@ -48,3 +48,24 @@ def test_timm_vit_sparsify_save_load(kind, tmp_path):
     loaded = vnm.load(path, build(kind))
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
+
+
+@pytest.mark.parametrize("mode", ["free", "all"])
+def test_timm_vit_permuted_equals_unpermuted_with_the_same_masks(mode):
+    """timm's fused qkv (values are its last third) and proj: the permuted sparse model computes
+    what the unpermuted model with the same masks computes."""
+    from vnm.sparsify import original_order_weight
+
+    dense = build("vit")
+    sparse = copy.deepcopy(dense)
+    report = vnm.sparsify(sparse, SparsifyConfig(pattern="16:2:8", permute=mode, permute_time_budget=None,
+                                                 permute_max_rounds=3, progress=False))
+    kinds = " ".join(r.permutation or "" for r in report.sparse)
+    assert "rows absorbed" in kinds and "cols absorbed" in kinds and "rows scattered" in kinds
+    ref = copy.deepcopy(dense)
+    for r in report.sparse:
+        with torch.no_grad():
+            ref.get_submodule(r.name).weight.copy_(original_order_weight(sparse.get_submodule(r.name), r))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(sparse(x), ref(x), atol=1e-4)
