@@ -270,16 +270,84 @@ def test_emulated_kernels_are_exact_on_small_integers(gen):
             assert torch.equal(_emulate(p, x, None, path).double(), ref)
 
 
+# The tiled kernel (N > 32) through the plan the dispatcher picks: every M, R below, equal to
+# and not a multiple of V, odd K, KS odd and even (KS not a multiple of the 2 k-steps a stage
+# holds), several CTA columns, perm and row_perm with bias. Row tile: 128 for M == 4 or V % 128
+# == 0, 64, 32, 16 for V % 128 == 64, V % 64 == 32, V % 32 == 16.
+TILED_CASES = [
+    # pattern, R, K, N
+    ("2:4", 100, 136, 40),       # contiguous B without perm; gathered with it
+    ("64:2:4", 50, 75, 33),      # M == 4, K % 8 != 0: gathered; R < V
+    ("64:2:5", 40, 77, 35),      # R < V
+    ("32:2:5", 32, 101, 40),     # R == V, row tile 32
+    ("64:2:8", 64, 256, 40),     # R == V (the case contiguous_b's KB == 1 proxy got wrong)
+    ("64:2:8", 48, 255, 37),     # R < V
+    ("64:2:8", 100, 129, 300),   # R % V != 0, KS = 3 (odd), two CTA columns
+    ("192:2:8", 200, 100, 40),   # row tile 64 inside a 192-row block
+    ("128:2:16", 100, 512, 40),  # R < V, row tile 128
+    ("128:2:16", 300, 161, 45),  # R % V != 0
+    ("16:2:32", 20, 300, 50),    # row tile 16
+    ("32:2:32", 32, 257, 33),    # R == V
+    ("48:2:7", 100, 90, 35),     # row tile 16 in a 48-row block
+]
+
+
+@pytest.mark.parametrize("pattern,R,K,N", TILED_CASES)
+def test_emulated_tiled_kernel_through_the_dispatched_plan(pattern, R, K, N, gen):
+    """Integer data: exactly the float64 reference (every sum exact, one rounding), so any
+    misplaced element shows; random data: the float64 reference within fp16 rounding. The
+    emulation also checks its own pipeline (two copy-landing models must agree) and the NaN
+    padding of the transposed x never reaches y."""
+    for extras in (False, True):
+        for integer in (True, False):
+            dtype = torch.float16 if integer else torch.bfloat16
+            t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=extras, integer=integer, rows=extras)
+            p = cuda_ops.pack(t)
+            path, bm, contiguous = _C._kernel_plan(t.pattern, R, K, N, p.has_perm)
+            assert path == 2
+            assert contiguous == (t.pattern.M == 4 and K % 8 == 0 and not extras)
+            if integer:
+                x = torch.randint(-3, 4, (N, K), generator=gen).to(dtype)
+                bias = torch.randint(-3, 4, (R,), generator=gen).to(dtype) if extras else None
+            else:
+                x = torch.randn(N, K, generator=gen).to(dtype)
+                bias = torch.randn(R, generator=gen).to(dtype) if extras else None
+            y = _emulate(p, x, bias, 0, contiguous_b=contiguous)
+            ref = _reference(x, w, mask, perm, bias, t.row_perm)
+            if integer:
+                assert torch.equal(y.double(), ref.to(dtype).double()), (pattern, extras)
+            else:
+                assert rel_err(y, ref) < 1e-2, (pattern, extras)
+
+
+def test_emulated_tiled_kernel_refuses_contiguous_b_for_m_above_4(gen):
+    """The contiguous B path is M == 4 only, also when R <= V makes kidx a single block."""
+    t, _, _, _ = _make("64:2:8", 64, 256, torch.float16, gen)
+    p = cuda_ops.pack(t)
+    x = torch.randn(40, 256, generator=gen).half()
+    y = torch.empty(40, 64, dtype=torch.float16)
+    err = _C._emulate_spmm(p.pattern, 64, 256, CODES[x.dtype], p.values.view(torch.int16), p.meta,
+                           p.kidx, None, x.view(torch.int16), 40, None, y.view(torch.int16), 2, True)
+    assert "M == 4" in err
+
+
 def test_dispatch_plan():
     P = vnm.Pattern.parse
-    assert _C._kernel_plan(P("64:2:8"), 4096, 4096, 1) == (1, 16)
-    assert _C._kernel_plan(P("64:2:8"), 4096, 4096, 32) == (1, 16)
-    assert _C._kernel_plan(P("64:2:8"), 4096, 4096, 33) == (2, 64)
-    assert _C._kernel_plan(P("128:2:16"), 4096, 4096, 512) == (2, 64)
-    assert _C._kernel_plan(P("32:2:5"), 4096, 4096, 512) == (2, 32)
-    assert _C._kernel_plan(P("16:2:8"), 4096, 4096, 512) == (2, 16)
-    assert _C._kernel_plan(P("48:2:8"), 4096, 4096, 512) == (2, 16)
-    assert _C._kernel_plan(P("2:4"), 4096, 4096, 512) == (2, 64)  # M == 4: one column block
+    assert _C._kernel_plan(P("64:2:8"), 4096, 4096, 1) == (1, 16, False)
+    assert _C._kernel_plan(P("64:2:8"), 4096, 4096, 32) == (1, 16, False)
+    assert _C._kernel_plan(P("64:2:8"), 4096, 4096, 33) == (2, 64, False)
+    assert _C._kernel_plan(P("128:2:16"), 4096, 4096, 512) == (2, 128, False)
+    assert _C._kernel_plan(P("32:2:5"), 4096, 4096, 512) == (2, 32, False)
+    assert _C._kernel_plan(P("16:2:8"), 4096, 4096, 512) == (2, 16, False)
+    assert _C._kernel_plan(P("48:2:8"), 4096, 4096, 512) == (2, 16, False)
+    assert _C._kernel_plan(P("192:2:8"), 4096, 4096, 512) == (2, 64, False)
+    # M == 4: one column block, any row tile; x read directly unless perm or K % 8 != 0
+    assert _C._kernel_plan(P("2:4"), 4096, 4096, 512) == (2, 128, True)
+    assert _C._kernel_plan(P("2:4"), 4096, 4096, 512, True) == (2, 128, False)
+    assert _C._kernel_plan(P("2:4"), 4096, 4092, 512) == (2, 128, False)
+    # M > 4 with R <= V (kidx has one block): gathered, never the contiguous path
+    assert _C._kernel_plan(P("64:2:8"), 64, 256, 40) == (2, 64, False)
+    assert _C._kernel_plan(P("128:2:16"), 100, 512, 40) == (2, 128, False)
 
 
 # ---- 4. packing ----------------------------------------------------------------------------

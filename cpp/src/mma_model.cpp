@@ -5,8 +5,9 @@
 // decoded here literally ("lane (g, t) with t - 2 * selector = h holds rows g (bits 15:0) and
 // g + 8 (bits 31:16), chunks 4h .. 4h+3, chunk j in nibble j"), not through the packer's
 // meta_lane / meta_shift helpers, so a slip in those shows up as a mismatch.
-// The emulations mirror cuda/src/spmm_kernels.cuh step by step: the same copy slots, B staging
-// slots, shared-memory offsets, ldmatrix addresses and epilogue mapping (all from sp_layout.h).
+// The decode emulation mirrors cuda/src/spmm_kernels.cuh step by step (the tiled one,
+// tiled_model.cpp, mirrors cuda/src/tiled.cuh): the same copy slots, shared-memory offsets,
+// ldmatrix addresses and epilogue mapping (all from sp_layout.h).
 #include "vnm/mma_model.h"
 
 #include <algorithm>
@@ -89,6 +90,15 @@ void ldmatrix_x4(const uint16_t* smem, const int row_offset[kWarp], uint32_t out
     for (int m = 0; m < 4; ++m) {
       const int base = row_offset[8 * m + (lane >> 2)] + 2 * (lane & 3);
       out[lane][m] = pack16(smem[base], smem[base + 1]);
+    }
+  }
+}
+
+void ldmatrix_x4_trans(const uint16_t* smem, const int row_offset[kWarp], uint32_t out[kWarp][4]) {
+  for (int lane = 0; lane < kWarp; ++lane) {
+    for (int m = 0; m < 4; ++m) {
+      const int col = lane >> 2, row = 2 * (lane & 3);
+      out[lane][m] = pack16(smem[row_offset[8 * m + row] + col], smem[row_offset[8 * m + row + 1] + col]);
     }
   }
 }
@@ -188,111 +198,7 @@ std::string emulate_decode(const Problem& q, bool contiguous_b) {
   return {};
 }
 
-// ---- tiled kernel --------------------------------------------------------------------------
-
-template <class S>
-std::string emulate_tiled(const Problem& q, bool contiguous_b) {
-  const PackedGeom& p = q.p;
-  const int64_t ctas_m = ceil_div(p.MT, S::MT_CTA);
-  const int64_t ctas_n = ceil_div(q.n_tokens, S::BN);
-  std::vector<uint16_t> As(size_t(S::MT_CTA) * kWarp * 8);
-  std::vector<uint32_t> Ms(size_t(S::MT_CTA) * 16);
-  std::vector<uint16_t> Bs(size_t(S::BN) * kStepK);
-  std::vector<uint16_t> Cs(size_t(S::BN) * S::C_PITCH);
-  constexpr int WARPS = S::WARPS_M * S::WARPS_N;
-  std::vector<float> acc(size_t(WARPS) * S::WM * S::WN * kWarp * 4);
-  auto acc_at = [&](int warp, int i, int j) {
-    return reinterpret_cast<float(*)[4]>(acc.data() + (((size_t(warp) * S::WM + i) * S::WN + j) * kWarp * 4));
-  };
-  for (int64_t bx = 0; bx < ctas_m; ++bx) {
-    for (int64_t by = 0; by < ctas_n; ++by) {
-      const int64_t m0 = bx * S::BM, n0 = by * S::BN, mt0 = m0 / kTileRows;
-      const int32_t* kbase = q.kidx + kidx_step_index(p, p.kidx_block(m0), 0);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t ks = 0; ks < p.KS; ++ks) {
-        // A and metadata: the cp.async chunks, thread by thread (zero-filled past MT).
-        for (int tid = 0; tid < S::THREADS; ++tid) {
-          for (int c = tid; c < S::COPY_CHUNKS; c += S::THREADS) {
-            const CopySlot s = copy_slot<S>(c);
-            const int64_t mt = mt0 + s.mt_local;
-            const bool ok = mt < p.MT;
-            if (!s.meta) {
-              uint16_t* dst = As.data() + (size_t(s.mt_local) * kWarp + s.part) * 8;
-              for (int i = 0; i < 8; ++i)
-                dst[i] = ok ? q.values_p[packed_value_index(p, mt, ks, s.part, 0) + i] : uint16_t(0);
-            } else {
-              uint32_t* dst = Ms.data() + size_t(s.mt_local) * 16 + 4 * s.part;
-              for (int i = 0; i < 4; ++i)
-                dst[i] = ok ? q.meta_p[packed_meta_index(p, mt, ks, 4 * s.part) + i] : 0u;
-            }
-          }
-        }
-        // B: the staging registers of every thread, stored at the swizzled offsets.
-        const int32_t* step = kbase + ks * kStepK;
-        for (int tid = 0; tid < S::THREADS; ++tid) {
-          if (contiguous_b) {
-            for (int j = 0; j < S::B_CHUNKS; ++j) {
-              const int n = b_chunk_token<S>(tid, j), k = b_chunk_k(tid);
-              for (int i = 0; i < 8; ++i) Bs[size_t(bs_offset(n, k) + i)] = contig_b(q, ks, n0 + n, k + i);
-            }
-          } else {
-            for (int j = 0; j < S::B_PAIRS; ++j) {
-              const int n = b_pair_token<S>(tid, j), k = b_pair_k(tid);
-              Bs[size_t(bs_offset(n, k))] = gather_b(q, step, n0 + n, k);
-              Bs[size_t(bs_offset(n, k) + 1)] = gather_b(q, step, n0 + n, k + 1);
-            }
-          }
-        }
-        // Every warp: A and metadata from shared memory, B by ldmatrix, then mma.sp.
-        for (int warp = 0; warp < WARPS; ++warp) {
-          const int wm = warp / S::WARPS_N, wn = warp % S::WARPS_N;
-          uint32_t a[S::WM][kWarp][4], e[S::WM][kWarp];
-          for (int i = 0; i < S::WM; ++i) {
-            const int mtl = wm * S::WM + i;
-            for (int lane = 0; lane < kWarp; ++lane) {
-              const uint16_t* src = As.data() + (size_t(mtl) * kWarp + lane) * 8;
-              for (int r = 0; r < 4; ++r) a[i][lane][r] = pack16(src[2 * r], src[2 * r + 1]);
-              e[i][lane] = Ms[size_t(mtl) * 16 + meta_word_of_lane(lane)];
-            }
-          }
-          for (int j = 0; j < S::WN; ++j) {
-            int offs[kWarp];
-            for (int lane = 0; lane < kWarp; ++lane)
-              offs[lane] = bs_ldsm_offset(lane, (wn * S::WN + j) * kTileTokens);
-            uint32_t b[kWarp][4];
-            ldmatrix_x4(Bs.data(), offs, b);
-            for (int i = 0; i < S::WM; ++i) {
-              if (mt0 + wm * S::WM + i >= p.MT) continue;
-              std::string err = mma_sp_m16n8k32(q.t, a[i], b, e[i], 0, acc_at(warp, i, j));
-              if (!err.empty()) return err;
-            }
-          }
-        }
-      }
-      // Epilogue: through the shared tile, then coalesced stores.
-      for (int warp = 0; warp < WARPS; ++warp) {
-        const int wm = warp / S::WARPS_N, wn = warp % S::WARPS_N;
-        for (int i = 0; i < S::WM; ++i)
-          for (int j = 0; j < S::WN; ++j)
-            for (int lane = 0; lane < kWarp; ++lane)
-              for (int c = 0; c < 4; ++c) {
-                const CElem el = c_elem(lane, c);
-                const int rr = (wm * S::WM + i) * kTileRows + el.row;
-                const int nn = (wn * S::WN + j) * kTileTokens + el.n;
-                const float v = acc_at(warp, i, j)[lane][c] + bias_at(q, m0 + rr);
-                Cs[size_t(nn) * S::C_PITCH + rr] = float_to_bits16(q.t, v);
-              }
-      }
-      for (int idx = 0; idx < S::BN * S::BM; ++idx) {
-        const int nn = idx / S::BM, rr = idx % S::BM;
-        const int64_t tok = n0 + nn, r = m0 + rr;
-        if (tok < q.n_tokens && r < p.R)
-          q.y[tok * q.ldy + out_row(q.out_rows, r)] = Cs[size_t(nn) * S::C_PITCH + rr];
-      }
-    }
-  }
-  return {};
-}
+// The tiled kernel is emulated in tiled_model.cpp (emulate_tiled).
 
 }  // namespace
 
@@ -308,11 +214,10 @@ std::string emulate_spmm(const PackedGeom& p, DType t, const uint16_t* values_p,
   if (n_tokens <= 0) return {};
   if (path == Path::automatic) path = choose_path(p, n_tokens);
   if (path == Path::decode) return emulate_decode(q, contiguous_b);
-  switch (tiled_bm(p)) {
-    case 64: return emulate_tiled<TileM64>(q, contiguous_b);
-    case 32: return emulate_tiled<TileM32>(q, contiguous_b);
-    default: return emulate_tiled<TileM16>(q, contiguous_b);
-  }
+  if (contiguous_b && !tiled_contiguous_b(p, false, ldx, true))
+    return "the tiled kernel reads x directly only for M == 4 with K % 8 == 0 (tiled_contiguous_b)";
+  return emulate_tiled(p, t, values_p, meta_p, kidx, out_rows, q.x, n_tokens, ldx, q.bias, q.y,
+                       ldy, contiguous_b);
 }
 
 }  // namespace vnm::sp

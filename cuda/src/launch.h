@@ -33,8 +33,6 @@ struct KernelArgs {
 template <class T>
 cudaError_t launch_decode(const KernelArgs& a, cudaStream_t stream);
 
-// Grid (ceil(MT / S::MT_CTA), ceil(N / S::BN)), S::THREADS threads: large N.
-template <class T, class S>
-cudaError_t launch_tiled(const KernelArgs& a, cudaStream_t stream);
+// The tiled kernel (N > 32) has its own arguments and launcher: tiled.h.
 
 }  // namespace vnm::cuda::dev

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "launch.h"
+#include "tiled.h"
 #include "vnm/cuda.h"
 #include "vnm/dtype.h"
 
@@ -90,6 +91,65 @@ bool contiguous_b(const SpmmParams& q) {
          q.ldx % 8 == 0 && aligned(q.x, 16);
 }
 
+// The tiled kernel's B path (sp::tiled_contiguous_b, shared with the CPU emulation); anything
+// else gathers kept rows of x transposed.
+bool tiled_contiguous(const SpmmParams& q) {
+  return !q.force_gather && sp::tiled_contiguous_b(q.geom, q.has_perm, q.ldx, aligned(q.x, 16));
+}
+
+template <class T>
+cudaError_t launch_tiled_as(const dev::TiledArgs& a, int bm, bool contiguous, cudaStream_t s) {
+  if (contiguous) return dev::launch_tiled<T, sp::TileM128, false>(a, s);  // M == 4: bm 128
+  switch (bm) {
+    case 128: return dev::launch_tiled<T, sp::TileM128, true>(a, s);
+    case 64: return dev::launch_tiled<T, sp::TileM64, true>(a, s);
+    case 32: return dev::launch_tiled<T, sp::TileM32, true>(a, s);
+    default: return dev::launch_tiled<T, sp::TileM16, true>(a, s);
+  }
+}
+
+int bn_of(int bm) { return bm == 128 ? sp::TileM128::BN : sp::TileM64::BN; }
+
+// The tiled branch of spmm(): argument checks of its 32-bit indexing and of xt, then the launch.
+int spmm_tiled(const SpmmParams& q, const Plan& pl, cudaStream_t stream) {
+  constexpr int64_t kMax = int64_t(1) << 30;  // element offsets and pitches stay 32-bit
+  if (q.n_tokens >= kMax || q.geom.K >= kMax || q.geom.R >= kMax || q.ldx >= kMax ||
+      q.ldy >= kMax || q.ldxt >= kMax || q.geom.MT * q.geom.KS * sp::kWarp * 8 >= (int64_t(1) << 31))
+    return fail(kInvalidArgument, "too large for the tiled kernel's 32-bit indexing "
+                "(n_tokens=%lld, K=%lld, R=%lld); split the batch or the layer",
+                (long long)q.n_tokens, (long long)q.geom.K, (long long)q.geom.R);
+  if (pl.transposed_x &&
+      (!q.xt || q.ldxt < q.n_tokens || q.ldxt % 8 != 0 || !aligned(q.xt, 16)))
+    return fail(kInvalidArgument,
+                "the tiled kernel gathers rows of x transposed: pass xt (K x ldxt, k-major, "
+                "ldxt a multiple of 8 >= n_tokens=%lld, 16-byte aligned; got ldxt=%lld); "
+                "vnm.cuda_ops.transpose_x makes it",
+                (long long)q.n_tokens, (long long)q.ldxt);
+  dev::TiledArgs a;
+  a.values_p = static_cast<const uint16_t*>(q.values_p);
+  a.meta_p = q.meta_p;
+  a.kidx = q.kidx;
+  a.b = static_cast<const uint16_t*>(pl.transposed_x ? q.xt : q.x);
+  a.ldb = int(pl.transposed_x ? q.ldxt : q.ldx);
+  a.n_tokens = int(q.n_tokens);
+  a.K = int(q.geom.K);
+  a.R = int(q.geom.R);
+  a.MT = int(q.geom.MT);
+  a.KS = int(q.geom.KS);
+  a.kidx_block_rows = q.geom.M == 4 ? 0 : int(q.geom.row_block);
+  a.kidx_block_stride = int(q.geom.Gp * 4);
+  a.bias = static_cast<const uint16_t*>(q.bias);
+  a.out_rows = q.out_rows;
+  a.y = static_cast<uint16_t*>(q.y);
+  a.ldy = int(q.ldy);
+  a.vector_store = !q.out_rows && q.ldy % 8 == 0 && aligned(q.y, 16);
+  const cudaError_t e =
+      q.dtype == int(DType::bf16)
+          ? launch_tiled_as<dev::BF16>(a, pl.bm, pl.contiguous_b, stream)
+          : launch_tiled_as<dev::F16>(a, pl.bm, pl.contiguous_b, stream);
+  return check_launch(e, "SpMM tiled kernel launch");
+}
+
 }  // namespace
 
 const char* last_error() { return g_last_error.c_str(); }
@@ -108,8 +168,14 @@ Plan plan(const SpmmParams& q) {
   sp::Path path = static_cast<sp::Path>(q.path);
   if (path == sp::Path::automatic) path = sp::choose_path(q.geom, q.n_tokens);
   out.path = int(path);
-  out.bm = path == sp::Path::tiled ? sp::tiled_bm(q.geom) : sp::kTileRows;
-  out.contiguous_b = contiguous_b(q);
+  if (path == sp::Path::tiled) {
+    out.contiguous_b = tiled_contiguous(q);
+    out.transposed_x = !out.contiguous_b;
+    out.bm = sp::tiled_bm(q.geom);
+  } else {
+    out.bm = sp::kTileRows;
+    out.contiguous_b = contiguous_b(q);
+  }
   return out;
 }
 
@@ -139,13 +205,16 @@ int spmm(const SpmmParams& q) {
   const int64_t grid_y = pl.path == int(sp::Path::decode)
                              ? (q.n_tokens + sp::kDecodeTiles * sp::kTileTokens - 1) /
                                    (sp::kDecodeTiles * sp::kTileTokens)
-                             : (q.n_tokens + sp::TileM64::BN - 1) / sp::TileM64::BN;
+                             : (q.n_tokens + bn_of(pl.bm) - 1) / bn_of(pl.bm);
   if (grid_y > 65535 || q.geom.MT > 0x7FFFFFFF)
     return fail(kInvalidArgument, "too many tokens for one launch (%lld); split the batch",
                 (long long)q.n_tokens);
 
   DeviceGuard guard(q.device);
   if (int st = check_device(q.device)) return st;
+
+  cudaStream_t stream = static_cast<cudaStream_t>(q.stream);
+  if (pl.path == int(sp::Path::tiled)) return spmm_tiled(q, pl, stream);
 
   dev::KernelArgs a;
   a.p = q.geom;
@@ -160,21 +229,9 @@ int spmm(const SpmmParams& q) {
   a.y = static_cast<uint16_t*>(q.y);
   a.ldy = q.ldy;
   a.contig = pl.contiguous_b ? 1 : 0;
-  cudaStream_t stream = static_cast<cudaStream_t>(q.stream);
   const bool bf = q.dtype == int(DType::bf16);
-  cudaError_t e;
-  if (pl.path == int(sp::Path::decode)) {
-    e = bf ? dev::launch_decode<dev::BF16>(a, stream) : dev::launch_decode<dev::F16>(a, stream);
-  } else if (pl.bm == 64) {
-    e = bf ? dev::launch_tiled<dev::BF16, sp::TileM64>(a, stream)
-           : dev::launch_tiled<dev::F16, sp::TileM64>(a, stream);
-  } else if (pl.bm == 32) {
-    e = bf ? dev::launch_tiled<dev::BF16, sp::TileM32>(a, stream)
-           : dev::launch_tiled<dev::F16, sp::TileM32>(a, stream);
-  } else {
-    e = bf ? dev::launch_tiled<dev::BF16, sp::TileM16>(a, stream)
-           : dev::launch_tiled<dev::F16, sp::TileM16>(a, stream);
-  }
+  const cudaError_t e =
+      bf ? dev::launch_decode<dev::BF16>(a, stream) : dev::launch_decode<dev::F16>(a, stream);
   return check_launch(e, "SpMM kernel launch");
 }
 

@@ -141,7 +141,8 @@ void bind_cuda(nb::module_& m) {
   m.def("cuda_spmm", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
                         const Cuda& values_p, const Cuda& meta_p, const Cuda& kidx, bool has_perm,
                         const Cuda& out_rows, const Cuda& x, int64_t n_tokens, const Cuda& bias,
-                        Cuda y, int device, uintptr_t stream, int path, bool force_gather) {
+                        Cuda y, int device, uintptr_t stream, int path, bool force_gather,
+                        const Cuda& xt, int64_t ldxt) {
     vnm::cuda::SpmmParams q;
     q.geom = geom_of(p, R, K);
     q.dtype = dtype;
@@ -169,6 +170,11 @@ void bind_cuda(nb::module_& m) {
     q.stream = reinterpret_cast<void*>(stream);
     q.path = path;
     q.force_gather = force_gather;
+    if (xt.is_valid()) {  // x transposed (K x ldxt) for the tiled kernel's gathered path
+      expect(xt, K * ldxt, 2, "xt");
+      q.xt = cuda_ptr(xt, device, "xt");
+      q.ldxt = ldxt;
+    }
     int st;
     {
       nb::gil_scoped_release release;
@@ -177,22 +183,26 @@ void bind_cuda(nb::module_& m) {
     check_status(st);
   }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "has_perm"_a,
         "out_rows"_a.none(), "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a, "device"_a, "stream"_a,
-        "path"_a = 0,
-        "force_gather"_a = false, "y = x @ W^T (+ bias) on the GPU from the packed arrays.");
+        "path"_a = 0, "force_gather"_a = false, "xt"_a.none() = nb::none(), "ldxt"_a = 0,
+        "y = x @ W^T (+ bias) on the GPU from the packed arrays; xt: x transposed, K x ldxt, "
+        "where cuda_plan says the kernel needs it.");
 
   m.def("cuda_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
-                        bool has_perm) {
+                        bool has_perm, int path, bool force_gather, bool x_aligned16) {
     vnm::cuda::SpmmParams q;
     q.geom = geom_of(p, R, K);
     q.n_tokens = n_tokens;
     q.has_perm = has_perm;
     q.ldx = K;
-    alignas(16) static const unsigned char dummy[16] = {};  // an aligned stand-in for x
-    q.x = dummy;
+    q.path = path;
+    q.force_gather = force_gather;
+    alignas(16) static const unsigned char dummy[18] = {};  // a stand-in for x
+    q.x = x_aligned16 ? dummy : dummy + 2;
     const vnm::cuda::Plan pl = vnm::cuda::plan(q);
-    return nb::make_tuple(pl.path, pl.bm, pl.contiguous_b);
-  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "has_perm"_a,
-        "(path, row tile, contiguous B) the dispatch picks for an aligned x.");
+    return nb::make_tuple(pl.path, pl.bm, pl.contiguous_b, pl.transposed_x);
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "has_perm"_a, "path"_a = 0,
+        "force_gather"_a = false, "x_aligned16"_a = true,
+        "(path, row tile, contiguous B, needs x transposed) the dispatch picks.");
 
   m.def("cuda_pack", [](const vnm::Pattern& p, int64_t R, int64_t K, const Cuda& values,
                         const Cuda& meta, const Cuda& columns, const Cuda& perm, Cuda values_p,
@@ -548,12 +558,17 @@ NB_MODULE(_C, m) {
     return d;
   }, "The fragment maps of vnm/sp_layout.h (test hook).");
 
-  m.def("_kernel_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens) {
+  m.def("_kernel_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
+                           bool has_perm) {
     const vnm::sp::PackedGeom g = geom_of(p, R, K);
     const vnm::sp::Path path = vnm::sp::choose_path(g, n_tokens);
-    return nb::make_tuple(int(path), path == vnm::sp::Path::tiled ? vnm::sp::tiled_bm(g) : 16);
-  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "(path, row tile) the dispatch picks: path 1 "
-        "decode, 2 tiled.");
+    const bool tiled = path == vnm::sp::Path::tiled;
+    // x as torch allocates it: rows of K elements, 16-byte aligned storage.
+    return nb::make_tuple(int(path), tiled ? vnm::sp::tiled_bm(g) : 16,
+                          tiled && vnm::sp::tiled_contiguous_b(g, has_perm, K, true));
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "has_perm"_a = false,
+        "(path, row tile, tiled B read without a gather) the dispatch picks for a contiguous, "
+        "aligned x: path 1 decode, 2 tiled. The decode kernel's B path is not reported.");
 
   // Test hook: converts n elements between dtypes with the core's conversions (load_as_float,
   // store_from_float), so tests can compare them with torch's rounding on every bit pattern.

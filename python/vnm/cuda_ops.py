@@ -204,6 +204,17 @@ def _check_packed_dtypes(x: torch.Tensor, values_p, meta_p, kidx, rows, bias, y)
             raise TypeError(f"{name} must be torch.int32, got {t.dtype} (use the arrays vnm.cuda_ops.pack returns)")
 
 
+def transpose_x(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (n x K) as the tiled kernel's gathered path reads it: k-major, ``K x ldxt`` with
+    ``ldxt`` = n rounded up to a multiple of 8 (padding zero), so every kept column of x is one
+    contiguous run of tokens copied 16 bytes at a time. One pass over x; layers that read the
+    same x (q/k/v, gate/up) can share one (``_spmm_packed_into(..., xt=...)``)."""
+    n = x.shape[0]
+    pad = -n % 8
+    xt = x.t() if pad == 0 else torch.nn.functional.pad(x.t(), (0, pad))
+    return xt.contiguous()
+
+
 def _spmm_packed_into(
     x: torch.Tensor,
     values_p: torch.Tensor,
@@ -218,11 +229,14 @@ def _spmm_packed_into(
     path: int = 0,
     force_gather: bool = False,
     rows: Optional[torch.Tensor] = None,
+    xt: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Writes ``x @ W.T (+ bias)`` into ``y`` (n x R, contiguous); with ``rows`` stored row r goes
     to column ``rows[r]`` of y. ``has_perm`` must say whether ``kidx`` was packed with a ``perm``
     (for M = 4 without one the kernel reads x without a gather). ``path`` / ``force_gather`` pick
-    a kernel on CUDA for tests (0 automatic, 1 decode, 2 tiled)."""
+    a kernel on CUDA for tests (0 automatic, 1 decode, 2 tiled). ``xt``: ``transpose_x(x)`` when
+    the caller already has it (shared by the layers reading the same x); made here otherwise,
+    where the tiled kernel gathers (N > 32 with M > 4, a perm, or an x it cannot read directly)."""
     _require_kernel_dtype(x.dtype, "x")
     _same_device(x.device, values_p=values_p, meta_p=meta_p, kidx=kidx, rows=rows, bias=bias, y=y)
     _check_packed_dtypes(x, values_p, meta_p, kidx, rows, bias, y)
@@ -233,10 +247,16 @@ def _spmm_packed_into(
     code = DTYPE_CODES[x.dtype]
     if x.device.type == "cuda":
         _require_cuda_build()
+        needs_xt = _C.cuda_plan(p, R, K, n, has_perm, path, force_gather, x.data_ptr() % 16 == 0)[3]
+        if needs_xt and xt is None:
+            xt = transpose_x(x)
+        if xt is not None and (xt.shape[0] != K or xt.shape[1] < n or xt.shape[1] % 8 or not xt.is_contiguous()):
+            raise ValueError(f"xt has shape {tuple(xt.shape)}; pass vnm.cuda_ops.transpose_x(x) (K x n rounded up to 8)")
         _C.cuda_spmm(
             p, R, K, code, _dl(values_p), _dl(meta_p), _dl(kidx), has_perm,
             _dl(None if rows is None else rows.contiguous()), _dl(x), n, _dl(bias), _dl(y),
             x.device.index, _stream(x.device), path, force_gather,
+            _dl(xt if needs_xt else None), xt.shape[1] if needs_xt else 0,
         )
     else:
         _C.spmm_packed(

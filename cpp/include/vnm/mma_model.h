@@ -32,6 +32,25 @@ std::string mma_sp_m16n8k32(DType t, const uint32_t a[kWarp][4], const uint32_t 
 // (l >> 3) as an element offset into `smem`; returns each lane's four registers.
 void ldmatrix_x4(const uint16_t* smem, const int row_offset[kWarp], uint32_t out[kWarp][4]);
 
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: the same row addresses; each 8 x 8 matrix is
+// delivered transposed: lane l receives in register m the elements (row 2 (l & 3), column
+// l >> 2) and (row 2 (l & 3) + 1, column l >> 2) of matrix m (PTX ISA "ldmatrix", .trans).
+void ldmatrix_x4_trans(const uint16_t* smem, const int row_offset[kWarp], uint32_t out[kWarp][4]);
+
+// The tiled kernel (cuda/src/tiled.cuh) on the CPU, thread by thread: every cp.async (source,
+// zero fill, shared-memory destination), the pipeline's stage ring, every ldmatrix / shared
+// load of the compute loop at the kernel's own addresses, mma.sp by the model above, and the
+// epilogue. The shared memory starts poisoned (0xFF: NaN values, invalid metadata), and the run
+// is made twice: copies landing when issued (a copy overwriting data still to be read shows)
+// and landing only at their cp.async.wait_group (a read before the data landed shows); both
+// must agree. contiguous_b picks the path that reads x directly (valid only when
+// tiled_contiguous_b holds); otherwise x is transposed to K x transposed_x_pitch(n) with NaN in
+// the pitch padding, which must never reach y. Returns "" or the first problem found.
+std::string emulate_tiled(const PackedGeom& p, DType t, const uint16_t* values_p,
+                          const uint32_t* meta_p, const int32_t* kidx, const int32_t* out_rows,
+                          const uint16_t* x, int64_t n_tokens, int64_t ldx, const uint16_t* bias,
+                          uint16_t* y, int64_t ldy, bool contiguous_b);
+
 // Runs the decode or the tiled CUDA kernel on the CPU, thread by thread where the kernel's data
 // movement depends on the thread, with the model above for every mma.sp and ldmatrix.
 // Arguments as vnm::cuda::SpmmParams: x is n_tokens x K (row pitch ldx), y n_tokens x R (row

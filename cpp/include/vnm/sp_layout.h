@@ -246,83 +246,127 @@ VNM_HD uint8_t canonical_column_at(const PackedGeom& p, const int32_t* kidx,
   return uint8_t(c - group * p.M);
 }
 
-// ---- tiled kernel: CTA tile shapes and the index maps of its data movement --------------------
-
-// A CTA computes a BM x BN tile of y^T (BM weight rows x BN tokens) with WARPS_M x WARPS_N
-// warps, each owning WM x WN mma tiles (16 rows x 8 tokens each).
-//   WM       m16 tiles per warp (rows)         WARPS_M  warps along rows
-//   WN       n8 tiles per warp (tokens)        WARPS_N  warps along tokens
-//   STAGES   cp.async pipeline depth for A and the metadata (B is staged through registers one
-//            k-step ahead into a double-buffered shared tile)
-template <int WM_, int WN_, int WARPS_M_, int WARPS_N_, int STAGES_ = 3>
+// ---- tiled kernel (N > 32): CTA tile shapes and the index maps of its data movement ------------
+//
+// A CTA computes a BM x BN tile of y^T (BM weight rows x BN tokens) with WARPS_M x WARPS_N warps
+// of WM x WN mma tiles (16 rows x 8 tokens each). Every operand reaches shared memory by 16-byte
+// cp.async through a STAGES-deep pipeline; one stage holds KPS k-steps (one barrier per stage).
+// Per k-step kk of a stage, shared memory holds (byte offsets from the stage base):
+//   A     [MT_CTA][32 lanes][16 B]   the packed values, one 16-byte fragment per lane
+//   meta  [MT_CTA][16 words]         the packed metadata words
+//   B     contiguous path (M == 4, no perm, x as torch stores it): [BN tokens][32 k], 64 B a
+//         token, chunks swizzled (bs_offset), read by ldmatrix;
+//         gathered path (x^T, K x ldb k-major): [32 k][BN tokens], the kept row kidx[k] of x^T,
+//         token chunks swizzled by k (bt_offset), read by ldmatrix .trans.
+// Rows past the last row tile copy the last tile (valid metadata; never stored), so the MMAs
+// run unpredicated; a k-step past KS (KS not a multiple of KPS) gets zero A and B and the
+// metadata of the stage's first k-step, which adds exactly zero.
+template <int WM_, int WN_, int WARPS_M_, int WARPS_N_, int STAGES_ = 3, int KPS_ = 2>
 struct TileShape {
   static constexpr int WM = WM_, WN = WN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
-  static constexpr int STAGES = STAGES_;
+  static constexpr int STAGES = STAGES_, KPS = KPS_;
   static constexpr int BM = kTileRows * WM * WARPS_M;
   static constexpr int BN = kTileTokens * WN * WARPS_N;
   static constexpr int THREADS = kWarp * WARPS_M * WARPS_N;
-  static constexpr int MT_CTA = BM / kTileRows;                // row tiles per CTA
-  // Per k-step: A = MT_CTA x 32 lanes x 16 B, metadata = MT_CTA x 64 B, in 16-byte chunks.
-  static constexpr int A_CHUNKS = MT_CTA * kWarp;
-  static constexpr int META_CHUNKS = MT_CTA * 4;
-  static constexpr int COPY_CHUNKS = A_CHUNKS + META_CHUNKS;
-  // B tile per k-step: BN tokens x 32 k of 16 bits. Gathered as k pairs (one 32-bit register
-  // each) or, without a gather, as 16-byte chunks (four registers each): same registers.
-  static constexpr int B_PAIRS = BN * 16 / THREADS;   // per thread
-  static constexpr int B_CHUNKS = BN * 4 / THREADS;   // per thread
-  static constexpr int B_REGS = B_PAIRS;
-  static_assert(B_PAIRS * THREADS == BN * 16 && B_CHUNKS * THREADS == BN * 4, "B split");
-  static_assert(B_CHUNKS * 4 == B_PAIRS, "both B paths use the same staging registers");
-  static constexpr int C_PITCH = BM + 8;  // epilogue tile row pitch (16-bit elements)
+  static constexpr int MT_CTA = BM / kTileRows;
+  static_assert(THREADS == 128, "the copy maps below assume 4 warps");
+  static_assert(BN % 128 == 0, "gathered B: 16 threads a row, BN / 128 chunks each");
 
-  // Shared memory (bytes): A stages, metadata stages, two B buffers; the epilogue reuses it.
-  static constexpr int A_BYTES = STAGES * MT_CTA * kWarp * 16;
-  static constexpr int META_BYTES = STAGES * MT_CTA * 64;
-  static constexpr int B_BYTES = 2 * BN * kStepK * 2;
-  static constexpr int PIPE_BYTES = A_BYTES + META_BYTES + B_BYTES;
+  static constexpr int A_STEP = MT_CTA * kWarp * 16;  // bytes per k-step
+  static constexpr int META_STEP = MT_CTA * 64;
+  static constexpr int B_STEP = kStepK * BN * 2;
+  static constexpr int A_OFF = 0;
+  static constexpr int META_OFF = A_OFF + KPS * A_STEP;
+  static constexpr int B_OFF = META_OFF + KPS * META_STEP;
+  static constexpr int STAGE_BYTES = B_OFF + KPS * B_STEP;
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int C_PITCH = BM + 8;  // epilogue tile [BN][C_PITCH] 16-bit
   static constexpr int EPI_BYTES = BN * C_PITCH * 2;
   static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+  static_assert(STAGE_BYTES % 128 == 0, "stage bases keep the B swizzle on 128-byte bank rows");
+
+  // 16-byte copies per thread and k-step.
+  static constexpr int A_COPIES = (MT_CTA * kWarp + THREADS - 1) / THREADS;
+  static constexpr int META_CHUNKS = MT_CTA * 4;  // threads tid < META_CHUNKS copy one each
+  static_assert(META_CHUNKS <= THREADS, "one metadata chunk per thread at most");
+  static constexpr int BC_COPIES = BN * 4 / THREADS;  // contiguous B
+  static constexpr int BG_ROWS = 4;                    // gathered B: rows (k) per thread
+  static constexpr int BG_CHUNKS = BN / 128;           // gathered B: chunks per row per thread
+  static constexpr int EPI_CHUNKS = BN * BM / 8;       // 16-byte output chunks
 };
 
-// The curated configurations (one dispatch point: cuda/src/spmm.cu picks one).
-using TileM64 = TileShape<2, 4, 2, 4>;  // 64 x 128, 8 warps: row blocks of V % 64 == 0, and 2:4
-using TileM32 = TileShape<2, 4, 1, 4>;  // 32 x 128, 4 warps: V % 64 == 32
-using TileM16 = TileShape<1, 4, 1, 4>;  // 16 x 128, 4 warps: V % 32 == 16
+// The curated configurations (cuda/src/spmm.cu dispatches, cpp/src/tiled_model.cpp emulates).
+using TileM128 = TileShape<4, 8, 2, 2>;  // 128 x 128, warp 64 x 64: M == 4, or V % 128 == 0
+using TileM64 = TileShape<4, 8, 1, 4>;   // 64 x 256, warp 64 x 64: V % 128 == 64
+using TileM32 = TileShape<2, 8, 1, 4>;   // 32 x 256, warp 32 x 64: V % 64 == 32
+using TileM16 = TileShape<1, 8, 1, 4>;   // 16 x 256, warp 16 x 64: V % 32 == 16
 
-// Which 16-byte chunk of the stage's A/metadata copy chunk c is: A chunk (mt_local, lane) or
-// metadata chunk (mt_local, quarter = words 4q..4q+3).
-struct CopySlot {
-  bool meta;
-  int mt_local;
-  int part;  // lane for A, quarter for metadata
-};
+// Byte offsets within a stage.
 template <class S>
-VNM_HD CopySlot copy_slot(int c) {
-  if (c < S::A_CHUNKS) return CopySlot{false, c >> 5, c & 31};
-  const int m = c - S::A_CHUNKS;
-  return CopySlot{true, m >> 2, m & 3};
+VNM_HD int tile_a_offset(int kk, int mt_local, int lane) {
+  return S::A_OFF + kk * S::A_STEP + mt_local * (kWarp * 16) + lane * 16;
+}
+template <class S>
+VNM_HD int tile_meta_offset(int kk, int mt_local, int word) {
+  return S::META_OFF + kk * S::META_STEP + mt_local * 64 + word * 4;
 }
 
-// B staging: which token (within the CTA tile) and which k the thread's j-th register holds.
-template <class S>
-VNM_HD int b_pair_token(int tid, int j) { return (tid >> 4) + j * (S::THREADS / 16); }
-VNM_HD int b_pair_k(int tid) { return 2 * (tid & 15); }
-template <class S>
-VNM_HD int b_chunk_token(int tid, int j) { return (tid >> 2) + j * (S::THREADS / 4); }
-VNM_HD int b_chunk_k(int tid) { return 8 * (tid & 3); }
-
-// Shared B tile [token][32 k], 64 bytes a token, its four 16-byte chunks XOR-swizzled by
+// Contiguous B tile [token][32 k], 64 bytes a token, its four 16-byte chunks XOR-swizzled by
 // (token >> 1) & 3 so that ldmatrix's 8 row reads (8 tokens, one chunk) hit 8 distinct 16-byte
-// bank groups (rows of 64 B put tokens n and n + 2 on the same banks without it).
+// bank groups. Element offset.
 VNM_HD int bs_offset(int n, int k) {
   return n * kStepK + ((((k >> 3) ^ (n >> 1)) & 3) << 3) + (k & 7);
 }
-// Row address lane l supplies to ldmatrix .x4 for the B fragment of the 8 tokens from nb:
-// matrix m = k chunk m (k 8m .. 8m+7), row r = token nb + r. Register m then holds exactly
-// b_{2m}, b_{2m+1} of the mma.sp B fragment (k = 2t + 8m + {0,1}, n = g).
+// Row address lane l supplies to ldmatrix .x4 for the 8 tokens from nb: matrix m = k chunk m,
+// row r = token nb + r; register m then holds b_{2m}, b_{2m+1} of the B fragment.
 VNM_HD int bs_ldsm_offset(int lane, int nb) {
   return bs_offset(nb + ldsm_row_of_lane(lane), 8 * ldsm_matrix_of_lane(lane));
 }
+
+// Gathered B tile [32 k][BN tokens]: row k holds the kept row kidx[k] of x^T. Token chunk c of
+// row k sits at chunk c ^ (k & 7) so that ldmatrix .trans's 8 row reads (k = 8m .. 8m + 7, one
+// token chunk) hit 8 distinct 16-byte bank groups. Element offset.
+template <int BN>
+VNM_HD int bt_offset(int k, int n) {
+  return k * BN + ((((n >> 3) ^ k) & 7) << 3) + ((n >> 3) & ~7) * 8 + (n & 7);
+}
+// ldmatrix .x4 .trans for the B fragment of the 8 tokens from nb: matrix m = k rows 8m .. 8m+7,
+// lane l supplies row k = l (= 8 (l >> 3) + (l & 7)); with .trans lane l receives in register m
+// the elements (k = 8m + 2 (l & 3) + {0, 1}, token nb + (l >> 2)): b_{2m}, b_{2m+1}.
+template <int BN>
+VNM_HD int bt_ldsm_offset(int lane, int nb) {
+  return bt_offset<BN>(8 * ldsm_matrix_of_lane(lane) + ldsm_row_of_lane(lane), nb);
+}
+
+// Copy maps: the j-th copy of thread tid in one k-step.
+struct ACopy {
+  int mt_local, lane;
+};
+template <class S>
+VNM_HD ACopy a_copy(int tid, int j) {
+  const int id = tid + j * S::THREADS;
+  return ACopy{id >> 5, id & 31};
+}
+VNM_HD int meta_copy_tile(int tid) { return tid >> 2; }  // tile, and words 4 (tid & 3) .. +3
+VNM_HD int meta_copy_quarter(int tid) { return tid & 3; }
+// Contiguous B: token (in the CTA tile) and first k of copy j.
+template <class S>
+VNM_HD int bc_copy_token(int tid, int j) { return (tid >> 2) + j * (S::THREADS / 4); }
+VNM_HD int bc_copy_k(int tid) { return 8 * (tid & 3); }
+// Gathered B: rows k = bg_copy_row0(tid) + r (r < 4, one 16-byte kidx load), token chunks
+// bg_copy_chunk(tid, u) (u < BN / 128): 16 threads cover a row, a warp two rows.
+VNM_HD int bg_copy_row0(int tid) { return 4 * (tid >> 4); }
+VNM_HD int bg_copy_chunk(int tid, int u) { return (tid & 15) + 16 * u; }
+// Epilogue: 16-byte output chunk e = 8 consecutive rows of one token.
+template <class S>
+VNM_HD int epi_token(int e) { return e / (S::BM / 8); }
+template <class S>
+VNM_HD int epi_row(int e) { return 8 * (e % (S::BM / 8)); }
+
+// Pitch (tokens) of the k-major copy of x the gathered path reads: a multiple of 8, so every
+// 16-byte token chunk lies inside a row; columns past n_tokens are read only for outputs that
+// are never stored.
+inline int64_t transposed_x_pitch(int64_t n_tokens) { return (n_tokens + 7) / 8 * 8; }
 
 // ---- dispatch ----------------------------------------------------------------------------------
 
@@ -332,12 +376,21 @@ constexpr int kDecodeTiles = 4;       // n8 tiles a decode CTA covers (32 tokens
 
 enum class Path : int { automatic = 0, decode = 1, tiled = 2 };
 
-// Row tile of the tiled kernel: the CTA's rows must share one kidx column block (V divides
-// into BM tiles), except with M == 4 where all blocks read columns 0..3.
+// Row tile of the tiled kernel: the CTA's rows must share one kidx column block (BM divides
+// V), except with M == 4 where every block selects columns 0..3 (p.M, not KB == 1: KB is also 1
+// for M > 4 whenever R' == V).
 inline int tiled_bm(const PackedGeom& p) {
-  if (p.KB == 1 || p.row_block % 64 == 0) return 64;
+  if (p.M == 4 || p.row_block % 128 == 0) return 128;
+  if (p.row_block % 64 == 0) return 64;
   if (p.row_block % 32 == 0) return 32;
   return 16;
+}
+
+// Whether the tiled kernel reads x as torch stores it (contiguous path: x column 32 ks + k,
+// 16-byte copies) rather than gathering kept rows of x transposed: only M == 4 (every row block
+// selects columns 0..3 of each group) without perm, from 16-byte aligned rows of K % 8 == 0.
+inline bool tiled_contiguous_b(const PackedGeom& p, bool has_perm, int64_t ldx, bool x_aligned16) {
+  return p.M == 4 && !has_perm && p.K % 8 == 0 && ldx % 8 == 0 && x_aligned16;
 }
 
 inline Path choose_path(const PackedGeom&, int64_t n_tokens) {

@@ -51,15 +51,23 @@ struct SpmmParams {
   void* stream = nullptr;              // cudaStream_t
   int path = 0;                        // sp::Path: 0 automatic, 1 decode, 2 tiled (for tests)
   bool force_gather = false;           // tests: gather B even where the contiguous path applies
+  // The tiled kernel's gathered path (N > 32 with M > 4, a perm, or an x it cannot read
+  // directly; Plan::transposed_x) reads x transposed: xt is K x ldxt, k-major (xt[k * ldxt + n]
+  // = x[n, k]), ldxt a multiple of 8 >= n_tokens (sp::transposed_x_pitch), 16-byte aligned.
+  // Columns n_tokens .. ldxt-1 are read but only feed outputs that are never stored. One
+  // transposed x serves every layer that reads the same x (q/k/v, gate/up).
+  const void* xt = nullptr;
+  int64_t ldxt = 0;
 };
 int spmm(const SpmmParams& params);
 
-// Which kernel spmm() would run (sp::Path code 1 decode / 2 tiled), its row tile (tiled) and
-// whether B is read without a gather, for logging and benchmarks.
+// Which kernel spmm() would run (sp::Path code 1 decode / 2 tiled), its row tile (tiled),
+// whether B is read without a gather, and whether it needs SpmmParams::xt (x transposed).
 struct Plan {
   int path = 0;
   int bm = 0;
   bool contiguous_b = false;
+  bool transposed_x = false;
 };
 Plan plan(const SpmmParams& params);
 
