@@ -272,23 +272,24 @@ def test_emulated_kernels_are_exact_on_small_integers(gen):
 
 # The tiled kernel (N > 32) through the plan the dispatcher picks: every M, R below, equal to
 # and not a multiple of V, odd K, KS odd and even (KS not a multiple of the 2 k-steps a stage
-# holds), several CTA columns, perm and row_perm with bias. Row tile: 128 for M == 4 or V % 128
+# holds), long K (the 3-stage ring wraps several times), several CTA columns, perm and row_perm
+# with bias. Row tile: 128 for M == 4 or V % 128
 # == 0, 64, 32, 16 for V % 128 == 64, V % 64 == 32, V % 32 == 16.
 TILED_CASES = [
     # pattern, R, K, N
-    ("2:4", 100, 136, 40),       # contiguous B without perm; gathered with it
+    ("2:4", 100, 1000, 40),      # contiguous B without perm; gathered with it; 16 stages
     ("64:2:4", 50, 75, 33),      # M == 4, K % 8 != 0: gathered; R < V
     ("64:2:5", 40, 77, 35),      # R < V
-    ("32:2:5", 32, 101, 40),     # R == V, row tile 32
+    ("32:2:5", 32, 701, 40),     # R == V, row tile 32, 9 stages (the stage ring wraps 3 times)
     ("64:2:8", 64, 256, 40),     # R == V (the case contiguous_b's KB == 1 proxy got wrong)
-    ("64:2:8", 48, 255, 37),     # R < V
+    ("64:2:8", 48, 1100, 37),    # R < V, KS = 18
     ("64:2:8", 100, 129, 300),   # R % V != 0, KS = 3 (odd), two CTA columns
     ("192:2:8", 200, 100, 40),   # row tile 64 inside a 192-row block
-    ("128:2:16", 100, 512, 40),  # R < V, row tile 128
+    ("128:2:16", 100, 2100, 40), # R < V, row tile 128, KS = 17
     ("128:2:16", 300, 161, 45),  # R % V != 0
     ("16:2:32", 20, 300, 50),    # row tile 16
     ("32:2:32", 32, 257, 33),    # R == V
-    ("48:2:7", 100, 90, 35),     # row tile 16 in a 48-row block
+    ("48:2:7", 100, 950, 35),    # row tile 16 in a 48-row block, KS = 17
 ]
 
 
