@@ -244,3 +244,74 @@ def test_errors_name_the_fix(gen):
         cuda_ops._spmm_packed_into(x, shifted, p.meta, p.kidx, None, "16:2:8", 32, 16, False, y)
     with pytest.raises(ValueError, match=r"packed values has shape"):
         cuda_ops.PackedVNM(p.values[:, :0], p.meta, p.kidx, "16:2:8", (32, 16))
+
+
+# ---- the tiled kernel (N > 32): its plan, its two B paths, the transposed x ------------------
+
+TILED_GPU_CASES = [
+    # pattern, R, K, N: R < V, R == V, R % V != 0 for every M > 4; odd K; KS odd; 2 CTA columns
+    ("2:4", 100, 1000, 40), ("64:2:4", 50, 75, 33),
+    ("64:2:5", 40, 77, 35), ("32:2:5", 32, 701, 40),
+    ("64:2:8", 64, 256, 40), ("64:2:8", 48, 1100, 37), ("64:2:8", 100, 129, 300),
+    ("192:2:8", 200, 100, 40), ("128:2:16", 100, 2100, 40), ("128:2:16", 300, 161, 45),
+    ("16:2:32", 20, 300, 50), ("32:2:32", 32, 257, 33), ("48:2:7", 100, 950, 35),
+]
+
+
+@pytest.mark.parametrize("pattern,R,K,N", TILED_GPU_CASES)
+def test_tiled_kernel_equals_cpu_emulation_bit_for_bit(pattern, R, K, N, gen):
+    """The dispatched tiled kernel on integer data: the CPU emulation of the same plan, bit for
+    bit, and the exact result rounded once; with and without perm, row_perm and bias."""
+    for extras in (False, True):
+        for dtype in (torch.float16, torch.bfloat16):
+            t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=extras, integer=True, rows=extras)
+            p = cuda_ops.pack(t)
+            pc = p.to("cpu")
+            x = torch.randint(-3, 4, (N, K), generator=gen).to(dtype)
+            bias = torch.randint(-3, 4, (R,), generator=gen).to(dtype) if extras else None
+            path, bm, contiguous, needs_xt = _C.cuda_plan(t.pattern, R, K, N, p.has_perm)
+            assert path == 2 and needs_xt == (not contiguous)
+            assert contiguous == (t.pattern.M == 4 and K % 8 == 0 and not extras)
+            y_gpu = _run(p, x.to(DEV), None if bias is None else bias.to(DEV)).cpu()
+            y_cpu = torch.full((N, R), float("nan"), dtype=dtype)
+            err = _C._emulate_spmm(t.pattern, R, K, CODES[dtype], pc.values.view(torch.int16),
+                                   pc.meta, pc.kidx, pc.rows, x.view(torch.int16), N,
+                                   None if bias is None else bias.view(torch.int16),
+                                   y_cpu.view(torch.int16), 0, contiguous)
+            assert err == ""
+            assert torch.equal(y_gpu, y_cpu), (pattern, dtype, extras)
+            assert torch.equal(y_gpu, _reference(x, w, mask, perm, bias, t.row_perm).to(dtype))
+
+
+def test_layers_share_one_transposed_x(gen):
+    """q/k/v-style: three layers reading the same x take one transpose_x(x) and give what each
+    gives when it makes its own."""
+    K, N = 264, 100
+    x = torch.randn(N, K, generator=gen).half().to(DEV)
+    xt = cuda_ops.transpose_x(x)
+    assert xt.shape == (K, 104) and torch.equal(xt[:, :N], x.t()) and not xt[:, N:].any()
+    for pattern, R in (("64:2:8", 192), ("128:2:16", 256), ("32:2:5", 96)):
+        t, w, mask, _ = _make(pattern, R, K, torch.float16, gen)
+        p = cuda_ops.pack(t)
+        y_own = _run(p, x, None)
+        y_shared = torch.full((N, R), float("nan"), dtype=torch.float16, device=DEV)
+        cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx, None, p.pattern_text, R, K,
+                                   p.has_perm, y_shared, rows=p.rows, xt=xt)
+        assert torch.equal(y_shared, y_own)
+        assert rel_err(y_own.cpu(), _reference(x, w, mask, None, None)) < 1e-2
+
+
+def test_tiled_gather_without_xt_names_the_fix(gen):
+    t, _, _, _ = _make("64:2:8", 128, 256, torch.float16, gen)
+    p = cuda_ops.pack(t)
+    x = torch.randn(64, 256, generator=gen).half().to(DEV)
+    y = torch.empty(64, 128, dtype=torch.float16, device=DEV)
+    with pytest.raises(Exception, match="pass xt"):
+        _C.cuda_spmm(t.pattern, 128, 256, 1, p.values.detach().__dlpack__(stream=-1),
+                     p.meta.__dlpack__(stream=-1), p.kidx.__dlpack__(stream=-1), False, None,
+                     x.__dlpack__(stream=-1), 64, None, y.__dlpack__(stream=-1), 0,
+                     torch.cuda.current_stream().cuda_stream)
+    short = torch.zeros(256, 56, dtype=torch.float16, device=DEV)  # fewer columns than tokens
+    with pytest.raises(ValueError, match="transpose_x"):
+        cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx, None, "64:2:8", 128, 256, False, y,
+                                   xt=short)
