@@ -250,7 +250,7 @@ std::string emulate_tiled(const PackedGeom& p, DType t, const uint16_t* values_p
                           const uint16_t* x, int64_t n_tokens, int64_t ldx, const uint16_t* bias,
                           uint16_t* y, int64_t ldy, bool contiguous_b) {
   if (n_tokens <= 0) return {};
-  if (contiguous_b && !tiled_contiguous_b(p, false, ldx, true))
+  if (contiguous_b && !sp::contiguous_b(p, false, ldx, true))
     return "the tiled kernel reads x directly only for M == 4 with K % 8 == 0";
   // The gathered path reads x transposed, as vnm.cuda_ops.transpose_x makes it; the pitch
   // padding is NaN here, so a padding column that reached a stored output would show.

@@ -86,17 +86,6 @@ int check_launch(cudaError_t e, const char* what) {
   return fail(kCudaError, "%s failed: %s", what, cudaGetErrorString(e));
 }
 
-bool contiguous_b(const SpmmParams& q) {
-  return q.geom.KB == 1 && !q.has_perm && !q.force_gather && q.geom.K % 8 == 0 &&
-         q.ldx % 8 == 0 && aligned(q.x, 16);
-}
-
-// The tiled kernel's B path (sp::tiled_contiguous_b, shared with the CPU emulation); anything
-// else gathers kept rows of x transposed.
-bool tiled_contiguous(const SpmmParams& q) {
-  return !q.force_gather && sp::tiled_contiguous_b(q.geom, q.has_perm, q.ldx, aligned(q.x, 16));
-}
-
 template <class T>
 cudaError_t launch_tiled_as(const dev::TiledArgs& a, int bm, bool contiguous, cudaStream_t s) {
   if (contiguous) return dev::launch_tiled<T, sp::TileM128, false>(a, s);  // M == 4: bm 128
@@ -164,18 +153,15 @@ int device_count() {
 }
 
 Plan plan(const SpmmParams& q) {
+  // sp::kernel_plan decides (the CPU emulation tests run the same function); B is read without
+  // a gather only when the pattern's M is 4 (not when KB == 1, which also means R' <= V).
+  const sp::KernelPlan k = sp::kernel_plan(q.geom, q.n_tokens, static_cast<sp::Path>(q.path),
+                                           q.has_perm || q.force_gather, q.ldx, aligned(q.x, 16));
   Plan out;
-  sp::Path path = static_cast<sp::Path>(q.path);
-  if (path == sp::Path::automatic) path = sp::choose_path(q.geom, q.n_tokens);
-  out.path = int(path);
-  if (path == sp::Path::tiled) {
-    out.contiguous_b = tiled_contiguous(q);
-    out.transposed_x = !out.contiguous_b;
-    out.bm = sp::tiled_bm(q.geom);
-  } else {
-    out.bm = sp::kTileRows;
-    out.contiguous_b = contiguous_b(q);
-  }
+  out.path = int(k.path);
+  out.bm = k.bm;
+  out.contiguous_b = k.contiguous_b;
+  out.transposed_x = k.transposed_x;
   return out;
 }
 

@@ -558,17 +558,15 @@ NB_MODULE(_C, m) {
     return d;
   }, "The fragment maps of vnm/sp_layout.h (test hook).");
 
-  m.def("_kernel_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
-                           bool has_perm) {
-    const vnm::sp::PackedGeom g = geom_of(p, R, K);
-    const vnm::sp::Path path = vnm::sp::choose_path(g, n_tokens);
-    const bool tiled = path == vnm::sp::Path::tiled;
-    // x as torch allocates it: rows of K elements, 16-byte aligned storage.
-    return nb::make_tuple(int(path), tiled ? vnm::sp::tiled_bm(g) : 16,
-                          tiled && vnm::sp::tiled_contiguous_b(g, has_perm, K, true));
-  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "has_perm"_a = false,
-        "(path, row tile, tiled B read without a gather) the dispatch picks for a contiguous, "
-        "aligned x: path 1 decode, 2 tiled. The decode kernel's B path is not reported.");
+  m.def("_dispatch_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
+                             bool has_perm) {
+    // sp::kernel_plan is what vnm::cuda::plan calls; here for an x with ldx = K, 16-byte aligned.
+    const vnm::sp::KernelPlan k = vnm::sp::kernel_plan(geom_of(p, R, K), n_tokens,
+                                                       vnm::sp::Path::automatic, has_perm, K, true);
+    return nb::make_tuple(int(k.path), k.bm, k.contiguous_b);
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "has_perm"_a,
+        "(path, row tile, contiguous B) the GPU dispatch picks for an aligned x (test hook; runs "
+        "on the CPU build).");
 
   // Test hook: converts n elements between dtypes with the core's conversions (load_as_float,
   // store_from_float), so tests can compare them with torch's rounding on every bit pattern.

@@ -44,7 +44,7 @@ void ldmatrix_x4_trans(const uint16_t* smem, const int row_offset[kWarp], uint32
 // is made twice: copies landing when issued (a copy overwriting data still to be read shows)
 // and landing only at their cp.async.wait_group (a read before the data landed shows); both
 // must agree. contiguous_b picks the path that reads x directly (valid only when
-// tiled_contiguous_b holds); otherwise x is transposed to K x transposed_x_pitch(n) with NaN in
+// sp::contiguous_b holds); otherwise x is transposed to K x transposed_x_pitch(n) with NaN in
 // the pitch padding, which must never reach y. Returns "" or the first problem found.
 std::string emulate_tiled(const PackedGeom& p, DType t, const uint16_t* values_p,
                           const uint32_t* meta_p, const int32_t* kidx, const int32_t* out_rows,
