@@ -67,7 +67,8 @@ PATTERNS = ["2:4", "64:2:5", "64:2:8", "128:2:8", "64:2:16", "128:2:16"]
 MAX_ERR = 1e-2
 CSV_COLUMNS = ["gpu", "dtype", "pattern", "R", "K", "N", "ms_vnm", "ms_dense", "ms_24", "speedup_dense",
                "speedup_24", "tflops", "tflops_actual", "gbps", "gbps_dense", "gbps_24", "kernel", "shape",
-               "timing", "rel_err", "l2_mb", "rot_mb_vnm", "rot_mb_dense", "rot_mb_24", "rot_mb_x"]
+               "timing", "rel_err", "l2_mb", "rot_mb_vnm", "rot_mb_dense", "rot_mb_24", "rot_mb_x",
+               "ms_transpose_x"]
 
 
 def random_mask(R: int, K: int, pattern: str, gen: torch.Generator) -> torch.Tensor:
@@ -266,8 +267,14 @@ def bench_shape(name, R, K, args, dtype, l2, gen, failures):
             nv = len(ps)
             ms, how = time_per_call(lambda i: cuda_ops.spmm_packed(ps[i % nv], xn[i % xsets]),
                                     max(nv, xsets), args.warmup, args.reps, args.batch_ms, g)
-            path, bm, contig = _C.cuda_plan(vnm.Pattern.parse(pattern), R, K, N, False)
+            path, bm, contig, needs_xt = _C.cuda_plan(vnm.Pattern.parse(pattern), R, K, N, False)
             kern = f"{'d' if path == 1 else 't'}{bm}{'c' if contig else 'g'}"
+            # The tiled gathered path reads x transposed; ms_vnm includes making it (spmm_packed
+            # transposes on every call). Its share, timed alone (layers sharing x pay it once):
+            ms_xt = float("nan")
+            if needs_xt:
+                ms_xt, _ = time_per_call(lambda i: cuda_ops.transpose_x(xn[i % xsets]), xsets,
+                                         args.warmup, args.reps, args.batch_ms, g)
             density = vnm.Pattern.parse(pattern).density
             mb_vnm = nv * ps[0].nbytes / 1e6
             row = {
@@ -281,6 +288,7 @@ def bench_shape(name, R, K, args, dtype, l2, gen, failures):
                 "kernel": kern, "shape": name, "timing": f"{how}/{how_dense}/{how_24}",
                 "rel_err": pw["err"], "l2_mb": l2 / 1e6, "rot_mb_vnm": mb_vnm,
                 "rot_mb_dense": rot_mb["dense"], "rot_mb_24": rot_mb["24"], "rot_mb_x": rot_mb["x"],
+                "ms_transpose_x": ms_xt,
             }
             cold = all(v > 2 * l2 / 1e6 for v in (mb_vnm, rot_mb["dense"], rot_mb["24"]) if math.isfinite(v))
             print(f"{name:14s} {R:6d} {K:6d} {N:5d} {pattern:9s} {kern:5s} {ms:9.4f} {ms_dense:9.4f} "

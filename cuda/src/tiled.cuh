@@ -17,6 +17,8 @@
 //     R where rows are in order (vector_store), else one store per element at out_rows[r].
 #pragma once
 
+#include <atomic>
+
 #include "common.cuh"
 #include "tiled.h"
 
@@ -289,11 +291,18 @@ __global__ void __launch_bounds__(S::THREADS) spmm_tiled_kernel(const TiledArgs 
 template <class T, class S, bool kGather>
 cudaError_t launch_tiled(const TiledArgs& a, cudaStream_t stream) {
   auto kernel = spmm_tiled_kernel<T, S, kGather>;
-  // Above 48 KB a kernel must opt in to its dynamic shared memory (once per process is enough;
-  // the call is cheap and captured-graph safe).
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       S::SMEM_BYTES);
+  // Above 48 KB a kernel opts in to its dynamic shared memory, once per device (the attribute
+  // belongs to the device's context); the bit is set only after the call succeeded.
+  static std::atomic<uint64_t> opted_in{0};
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (!bit || !(opted_in.load(std::memory_order_relaxed) & bit)) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM_BYTES);
+    if (e != cudaSuccess) return e;
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   const dim3 grid(unsigned((a.MT + S::MT_CTA - 1) / S::MT_CTA),
                   unsigned((a.n_tokens + S::BN - 1) / S::BN));
   kernel<<<grid, S::THREADS, S::SMEM_BYTES, stream>>>(a);
