@@ -477,6 +477,8 @@ class LoopPath:
     global_ops: Dict[str, int]
     shared_ops: Dict[str, int]
     narrow_global_loads_in_loop: int
+    # cp.async groups the loop keeps in flight while it waits (DEPBAR.LE SB0, n: n + 1), 0 if none
+    cp_async_groups_in_flight: int
     sass: List[str]  # the path's instructions, for --explain
 
     @property
@@ -568,6 +570,9 @@ def main_loops(blocks: List[Block]) -> List[List[LoopPath]]:
                 shared_ops=dict(Counter(f"{i.base}.{8 * access_bytes(i)}" if i.base not in ("LDSM", "STSM")
                                         else f"{i.base}.x{i.mods[-1]}" for i in ins if i.base in SHARED_OPS)),
                 narrow_global_loads_in_loop=narrow,
+                cp_async_groups_in_flight=max((int(m.group(1), 0) + 1 for i in ins if i.base == "DEPBAR"
+                                               for m in [re.search(r"SB0,\s*(0x[0-9a-f]+|\d+)", i.args)] if m),
+                                              default=0),
                 sass=[f"{i.pred + ' ' if i.pred else ''}{i.op} {i.args}".strip() for i in ins],
             ))
         out.append(rows)
