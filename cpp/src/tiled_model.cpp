@@ -98,30 +98,37 @@ std::string run(const Args& q, bool land_late) {
       sm.poison();
       std::fill(acc.begin(), acc.end(), 0.0f);
 
-      auto issue = [&](int t, int stage) {
+      auto issue = [&](int t, int stage) -> std::string {
         for (int tid = 0; tid < S::THREADS; ++tid) {
+          if (tid < S::META_CHUNKS) {  // the stage's metadata, one chunk per thread
+            const int kk = meta_copy_kstep<S>(tid), ml = meta_copy_tile<S>(tid);
+            const int quarter = meta_copy_quarter(tid), ks = t * S::KPS + kk;
+            const int mt = std::min(mt0 + ml, MT - 1);
+            sm.cp16(stage + tile_meta_offset<S>(kk, ml, 4 * quarter),
+                    q.meta_p + packed_meta_index(p, mt, kk == 0 || ks < KS ? ks : t * S::KPS, 4 * quarter));
+          }
           for (int kk = 0; kk < S::KPS; ++kk) {
             const int ks = t * S::KPS + kk;
             const bool step_ok = kk == 0 || ks < KS;
             for (int j = 0; j < S::A_COPIES; ++j) {
               if (tid + j * S::THREADS >= S::MT_CTA * kWarp) continue;
-              const ACopy c = a_copy<S>(tid, j);
+              const ACopy c = a_copy<S>(tid, j), c0 = a_copy<S>(tid, 0);
               const int mt = std::min(mt0 + c.mt_local, MT - 1);
-              sm.cp16(stage + tile_a_offset<S>(kk, c.mt_local, c.lane),
+              // the kernel writes copy j at copy 0's offset + j * THREADS * 16
+              const int dst = tile_a_offset<S>(kk, c0.mt_local, c0.lane) + j * S::THREADS * 16;
+              if (dst != tile_a_offset<S>(kk, c.mt_local, c.lane)) return "A copy stride mismatch";
+              sm.cp16(stage + dst,
                       step_ok ? q.values_p + packed_value_index(p, mt, ks, c.lane, 0) : nullptr);
-            }
-            if (tid < S::META_CHUNKS) {
-              const int ml = meta_copy_tile(tid), quarter = meta_copy_quarter(tid);
-              const int mt = std::min(mt0 + ml, MT - 1);
-              sm.cp16(stage + tile_meta_offset<S>(kk, ml, 4 * quarter),
-                      q.meta_p + packed_meta_index(p, mt, step_ok ? ks : t * S::KPS, 4 * quarter));
             }
             if (!kGather) {
               for (int j = 0; j < S::BC_COPIES; ++j) {
                 const int n = bc_copy_token<S>(tid, j), k = bc_copy_k(tid);
                 const int col = ks * kStepK + k;
                 const bool ok = n0 + n < N && col < K;
-                sm.cp16(stage + S::B_OFF + kk * S::B_STEP + 2 * bs_offset(n, k),
+                // the kernel writes copy j at copy 0's offset + j * (THREADS / 4) tokens
+                const int dst = 2 * bs_offset(bc_copy_token<S>(tid, 0), k) + j * (S::THREADS / 4) * kStepK * 2;
+                if (dst != 2 * bs_offset(n, k)) return "contiguous B copy stride mismatch";
+                sm.cp16(stage + S::B_OFF + kk * S::B_STEP + dst,
                         ok ? q.b + int64_t(n0 + n) * q.ldb + col : nullptr);
               }
             } else {
@@ -138,6 +145,7 @@ std::string run(const Args& q, bool land_late) {
             }
           }
         }
+        return {};
       };
 
       std::string err;
@@ -182,14 +190,20 @@ std::string run(const Args& q, bool land_late) {
 
       int write_stage = 0, read_stage = 0;
       for (int s = 0; s < S::STAGES - 1; ++s) {
-        if (s < n_stages) issue(s, write_stage);
+        if (s < n_stages) {
+          const std::string e = issue(s, write_stage);
+          if (!e.empty()) return e;
+        }
         sm.commit();
         write_stage += S::STAGE_BYTES;
       }
       for (int it = 0; it < n_stages; ++it) {
         sm.wait(S::STAGES - 2);
         const int t = it + S::STAGES - 1;
-        if (t < n_stages) issue(t, write_stage);
+        if (t < n_stages) {
+          const std::string e = issue(t, write_stage);
+          if (!e.empty()) return e;
+        }
         sm.commit();
         write_stage += S::STAGE_BYTES;
         if (write_stage == S::PIPE_BYTES) write_stage = 0;

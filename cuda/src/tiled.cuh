@@ -71,59 +71,67 @@ __global__ void __launch_bounds__(S::THREADS) spmm_tiled_kernel(const TiledArgs 
   const int n_stages = (a.KS + S::KPS - 1) / S::KPS;
 
   // ---- per-thread copy sources, hoisted: pointers at k-step 0, advanced by one stage per issue.
+  // Destinations: copy j of a thread lies a constant stride after copy 0 (a_copy: THREADS
+  // chunks further; bc_copy_token: THREADS / 4 tokens further, the same swizzle), so one offset
+  // register each and immediates.
   const char* a_src[S::A_COPIES];
-  uint32_t a_dst[S::A_COPIES];
+  const uint32_t a_dst = uint32_t(tile_a_offset<S>(0, a_copy<S>(tid, 0).mt_local, a_copy<S>(tid, 0).lane));
 #pragma unroll
   for (int j = 0; j < S::A_COPIES; ++j) {
     const ACopy c = a_copy<S>(tid, j);
     const int mt = min(mt0 + c.mt_local, a.MT - 1);  // rows past MT: the last tile, never stored
     a_src[j] = reinterpret_cast<const char*>(a.values_p) + (size_t(mt) * a.KS * kWarp + c.lane) * 16;
-    a_dst[j] = uint32_t(tile_a_offset<S>(0, c.mt_local, c.lane));
   }
   const bool meta_thread = tid < S::META_CHUNKS;
+  const int m_kk = meta_thread ? meta_copy_kstep<S>(tid) : 0;  // k-step of the stage it copies
   const char* m_src;
   uint32_t m_dst;
   {
-    const int ml = meta_thread ? meta_copy_tile(tid) : 0;
+    const int ml = meta_thread ? meta_copy_tile<S>(tid) : 0;
     const int mt = min(mt0 + ml, a.MT - 1);
     m_src = reinterpret_cast<const char*>(a.meta_p) + (size_t(mt) * a.KS * 16 + 4 * meta_copy_quarter(tid)) * 4;
-    m_dst = uint32_t(tile_meta_offset<S>(0, ml, 4 * meta_copy_quarter(tid)));
+    m_dst = uint32_t(tile_meta_offset<S>(m_kk, ml, 4 * meta_copy_quarter(tid)));
   }
 
   // Contiguous B: token row pointers (clamped into x; their copies are zero-filled).
   constexpr int BC = kGather ? 1 : S::BC_COPIES;
   const char* bc_src[BC];
-  int bc_bytes[BC];
-  uint32_t bc_dst[BC];
+  bool bc_tok_ok[BC];
+  uint32_t bc_dst = 0;
   int bc_col = 0;  // x column of this thread's chunk in the current k-step
   // Gathered B: x^T at this thread's first token chunk (chunk u is 256 bytes further), the kidx
   // pointer of the next stage to load and its registers. Copies whose source is not read
   // (src_bytes 0: padding kidx, tokens past ldb) may carry an address outside x^T.
   const char* bg_src = nullptr;
-  int bg_bytes[kGather ? S::BG_CHUNKS : 1];
-  const int ldb_bytes = a.ldb * 2;
+  bool bg_tok_ok[kGather ? S::BG_CHUNKS : 1];
+  const uint32_t ldb_bytes = uint32_t(a.ldb) * 2;
+  // Destination of row bg_copy_row0 + r, chunk u: (bg_dst ^ (r << 4)) + r * 2 BN + 256 u. The
+  // rows of a thread differ only in bits 0-1 of k, whose swizzle XOR touches byte-offset bits
+  // 4-5 alone (bt_offset; B_OFF keeps bits 4-6 clear); the emulation checks the identity.
+  uint32_t bg_dst = 0;
   const int32_t* kid_ptr = nullptr;
   int4 kid[S::KPS];
   if constexpr (!kGather) {
 #pragma unroll
     for (int j = 0; j < BC; ++j) {
       const int tok = n0 + bc_copy_token<S>(tid, j);
-      bc_bytes[j] = tok < a.n_tokens ? 16 : 0;
+      bc_tok_ok[j] = tok < a.n_tokens;
       bc_src[j] = reinterpret_cast<const char*>(a.b) +
                   (size_t(min(tok, a.n_tokens - 1)) * a.ldb + bc_copy_k(tid)) * 2;
-      bc_dst[j] = uint32_t(S::B_OFF + 2 * bs_offset(bc_copy_token<S>(tid, j), bc_copy_k(tid)));
     }
+    bc_dst = uint32_t(S::B_OFF + 2 * bs_offset(bc_copy_token<S>(tid, 0), bc_copy_k(tid)));
     bc_col = bc_copy_k(tid);
   } else {
 #pragma unroll
     for (int u = 0; u < S::BG_CHUNKS; ++u)
-      bg_bytes[u] = n0 + 8 * bg_copy_chunk(tid, u) < a.ldb ? 16 : 0;
+      bg_tok_ok[u] = n0 + 8 * bg_copy_chunk(tid, u) < a.ldb;
+    bg_dst = uint32_t(S::B_OFF + 2 * bt_offset<S::BN>(bg_copy_row0(tid), 8 * bg_copy_chunk(tid, 0)));
     bg_src = reinterpret_cast<const char*>(a.b) + size_t(n0 + 8 * bg_copy_chunk(tid, 0)) * 2;
     const int kb = a.kidx_block_rows ? m0 / a.kidx_block_rows : 0;
     kid_ptr = a.kidx + size_t(kb) * a.kidx_block_stride + bg_copy_row0(tid);
   }
-  (void)bc_src; (void)bc_bytes; (void)bc_dst; (void)bc_col; (void)bg_src; (void)bg_bytes;
-  (void)ldb_bytes;
+  (void)bc_src; (void)bc_tok_ok; (void)bc_dst; (void)bc_col; (void)bg_src; (void)bg_tok_ok;
+  (void)ldb_bytes; (void)bg_dst;
 
   // kidx of stage t into registers (k-steps past KS read nothing: all their rows zero-fill).
   auto load_kidx = [&](int t) {
@@ -145,29 +153,32 @@ __global__ void __launch_bounds__(S::THREADS) spmm_tiled_kernel(const TiledArgs 
 #pragma unroll
       for (int j = 0; j < S::A_COPIES; ++j)
         if (S::MT_CTA * kWarp % S::THREADS == 0 || tid + j * S::THREADS < S::MT_CTA * kWarp)
-          tiled::cp16(dst0 + a_dst[j] + kk * S::A_STEP, a_src[j] + kk * kWarp * 16, a_bytes);
-      if (meta_thread)  // a missing k-step takes k-step 0's metadata (valid nibbles, zero A)
-        tiled::cp16(dst0 + m_dst + kk * S::META_STEP, m_src + (step_ok ? kk * 64 : 0), 16);
+          tiled::cp16(dst0 + a_dst + j * S::THREADS * 16 + kk * S::A_STEP, a_src[j] + kk * kWarp * 16,
+                      a_bytes);
       if constexpr (!kGather) {
         const int col = (t * S::KPS + kk) * kStepK + bc_col;
 #pragma unroll
         for (int j = 0; j < BC; ++j)
-          tiled::cp16(dst0 + bc_dst[j] + kk * S::B_STEP, bc_src[j] + kk * kStepK * 2,
-                      col < a.K ? bc_bytes[j] : 0);
+          tiled::cp16(dst0 + bc_dst + j * (S::THREADS / 4) * kStepK * 2 + kk * S::B_STEP,
+                      bc_src[j] + kk * kStepK * 2, bc_tok_ok[j] && col < a.K ? 16 : 0);
       } else {
         const int kr[4] = {kid[kk].x, kid[kk].y, kid[kk].z, kid[kk].w};
 #pragma unroll
         for (int r = 0; r < S::BG_ROWS; ++r) {
-          const int k = bg_copy_row0(tid) + r;
-          const char* row = bg_src + int64_t(kr[r]) * ldb_bytes;
+          // unsigned 32 x 32 -> 64 (one IMAD.WIDE.U32): a negative (padding) kidx makes a wild
+          // address that src_bytes 0 never reads
+          const char* row = bg_src + uint64_t(uint32_t(kr[r])) * ldb_bytes;
+          const uint32_t dst = dst0 + kk * S::B_STEP + (bg_dst ^ uint32_t(r << 4)) + r * 2 * S::BN;
 #pragma unroll
           for (int u = 0; u < S::BG_CHUNKS; ++u)
-            tiled::cp16(dst0 + S::B_OFF + kk * S::B_STEP +
-                            2 * bt_offset<S::BN>(k, 8 * bg_copy_chunk(tid, u)),
-                        row + 256 * u, kr[r] >= 0 ? bg_bytes[u] : 0);
+            tiled::cp16(dst + 256 * u, row + 256 * u, kr[r] >= 0 && bg_tok_ok[u] ? 16 : 0);
         }
       }
     }
+    // The stage's metadata, one copy; a k-step past KS takes k-step 0's metadata (valid
+    // nibbles; its A and B are zero). k-step 0 of an issued stage is always < KS.
+    if (meta_thread)
+      tiled::cp16(dst0 + m_dst, m_src + (t * S::KPS + m_kk < a.KS ? m_kk * 64 : 0), 16);
 #pragma unroll
     for (int j = 0; j < S::A_COPIES; ++j) a_src[j] += S::KPS * kWarp * 16;
     m_src += S::KPS * 64;

@@ -291,7 +291,9 @@ struct TileShape {
 
   // 16-byte copies per thread and k-step.
   static constexpr int A_COPIES = (MT_CTA * kWarp + THREADS - 1) / THREADS;
-  static constexpr int META_CHUNKS = MT_CTA * 4;  // threads tid < META_CHUNKS copy one each
+  // Metadata of a whole stage (KPS k-steps): threads tid < META_CHUNKS copy one chunk each, one
+  // copy instruction per stage.
+  static constexpr int META_CHUNKS = KPS * MT_CTA * 4;
   static_assert(META_CHUNKS <= THREADS, "one metadata chunk per thread at most");
   static constexpr int BC_COPIES = BN * 4 / THREADS;  // contiguous B
   static constexpr int BG_ROWS = 4;                    // gathered B: rows (k) per thread
@@ -351,7 +353,11 @@ VNM_HD ACopy a_copy(int tid, int j) {
   const int id = tid + j * S::THREADS;
   return ACopy{id >> 5, id & 31};
 }
-VNM_HD int meta_copy_tile(int tid) { return tid >> 2; }  // tile, and words 4 (tid & 3) .. +3
+// Metadata copy of thread tid < META_CHUNKS: k-step kk of the stage, tile, words 4 quarter .. +3.
+template <class S>
+VNM_HD int meta_copy_kstep(int tid) { return tid / (S::MT_CTA * 4); }
+template <class S>
+VNM_HD int meta_copy_tile(int tid) { return (tid % (S::MT_CTA * 4)) >> 2; }
 VNM_HD int meta_copy_quarter(int tid) { return tid & 3; }
 // Contiguous B: token (in the CTA tile) and first k of copy j.
 template <class S>
