@@ -112,10 +112,20 @@ DECODE_MAX_TOKENS = 32
 KERNELS = {
     ("decode", "contiguous"): ("spmm_decode_kernel<F16>", "fewest", 16, 32),
     ("decode", "gathered"): ("spmm_decode_kernel<F16>", "most", 16, 32),
-    ("tiled64", "contiguous"): ("spmm_tiled_kernel<F16,TileShape<2,4,2,4,3>>", "fewest", 64, 128),
-    ("tiled64", "gathered"): ("spmm_tiled_kernel<F16,TileShape<2,4,2,4,3>>", "most", 64, 128),
-    ("tiled32", "gathered"): ("spmm_tiled_kernel<F16,TileShape<2,4,1,4,3>>", "most", 32, 128),
-    ("tiled16", "gathered"): ("spmm_tiled_kernel<F16,TileShape<1,4,1,4,3>>", "most", 16, 128),
+    ("tiled128", "contiguous"): ("spmm_tiled_kernel<F16,TileShape<4,8,2,2,3,2>,false>", "most", 128, 128),
+    ("tiled128", "gathered"): ("spmm_tiled_kernel<F16,TileShape<4,8,2,2,3,2>,true>", "most", 128, 128),
+    ("tiled64", "gathered"): ("spmm_tiled_kernel<F16,TileShape<4,8,1,4,3,2>,true>", "most", 64, 256),
+    ("tiled32", "gathered"): ("spmm_tiled_kernel<F16,TileShape<2,8,1,4,3,2>,true>", "most", 32, 256),
+    ("tiled16", "gathered"): ("spmm_tiled_kernel<F16,TileShape<1,8,1,4,3,2>,true>", "most", 16, 256),
+}
+# Dynamic shared memory (bytes) of the kernels that take it at launch, which ptxas does not report:
+# sp::TileShape::SMEM_BYTES = STAGES x (KPS x (MT_CTA x (512 + 64) + 32 x BN x 2)).
+DYNAMIC_SMEM = {
+    KERNELS[("tiled128", "contiguous")][0]: 3 * 2 * (8 * 576 + 32 * 128 * 2),
+    KERNELS[("tiled128", "gathered")][0]: 3 * 2 * (8 * 576 + 32 * 128 * 2),
+    KERNELS[("tiled64", "gathered")][0]: 3 * 2 * (4 * 576 + 32 * 256 * 2),
+    KERNELS[("tiled32", "gathered")][0]: 3 * 2 * (2 * 576 + 32 * 256 * 2),
+    KERNELS[("tiled16", "gathered")][0]: 3 * 2 * (1 * 576 + 32 * 256 * 2),
 }
 
 
@@ -152,7 +162,9 @@ def pick_kernel(p: Pattern, N: int) -> Tuple[str, str]:
     x = "contiguous" if p.M == 4 else "gathered"
     if N <= DECODE_MAX_TOKENS:
         return "decode", x
-    if p.M == 4 or p.row_block % 64 == 0:
+    if p.M == 4 or p.row_block % 128 == 0:  # sp::tiled_bm
+        return "tiled128", x
+    if p.row_block % 64 == 0:
         return "tiled64", x
     return ("tiled32" if p.row_block % 32 == 0 else "tiled16"), x
 
@@ -172,7 +184,8 @@ def resident_warps(rec: dict, gpu: GPU) -> int:
     threads = r["threads"] or 256
     regs = max(1, math.ceil(r["registers"] / 8) * 8)  # allocated in 8-register steps per thread
     by_regs = REGS_PER_SM // (regs * threads)
-    by_smem = gpu.smem_per_sm // r["smem"] if r["smem"] else MAX_CTAS_PER_SM
+    smem = r["smem"] or DYNAMIC_SMEM.get(rec["kernel"], 0)
+    by_smem = gpu.smem_per_sm // smem if smem else MAX_CTAS_PER_SM
     by_threads = MAX_THREADS_PER_SM // threads
     return max(0, min(by_regs, by_smem, by_threads, MAX_CTAS_PER_SM)) * threads // 32
 

@@ -70,7 +70,8 @@ def test_the_dispatch_the_roofline_assumes():
     assert rl.pick_kernel(P("2:4"), 1) == ("decode", "contiguous")
     assert rl.pick_kernel(P("64:2:8"), 32) == ("decode", "gathered")
     assert rl.pick_kernel(P("64:2:8"), 33) == ("tiled64", "gathered")
-    assert rl.pick_kernel(P("2:4"), 2048) == ("tiled64", "contiguous")
+    assert rl.pick_kernel(P("128:2:8"), 33) == ("tiled128", "gathered")
+    assert rl.pick_kernel(P("2:4"), 2048) == ("tiled128", "contiguous")
     assert rl.pick_kernel(P("32:2:5"), 512) == ("tiled32", "gathered")
     assert rl.pick_kernel(P("48:2:8"), 512) == ("tiled16", "gathered")
 
