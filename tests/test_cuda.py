@@ -315,3 +315,6 @@ def test_tiled_gather_without_xt_names_the_fix(gen):
     with pytest.raises(ValueError, match="transpose_x"):
         cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx, None, "64:2:8", 128, 256, False, y,
                                    xt=short)
+    with pytest.raises(TypeError, match="transpose_x"):
+        cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx, None, "64:2:8", 128, 256, False, y,
+                                   xt=cuda_ops.transpose_x(x).to(torch.bfloat16))

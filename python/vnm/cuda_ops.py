@@ -250,8 +250,12 @@ def _spmm_packed_into(
         needs_xt = _C.cuda_plan(p, R, K, n, has_perm, path, force_gather, x.data_ptr() % 16 == 0)[3]
         if needs_xt and xt is None:
             xt = transpose_x(x)
-        if xt is not None and (xt.shape[0] != K or xt.shape[1] < n or xt.shape[1] % 8 or not xt.is_contiguous()):
+        if xt is not None and (xt.dim() != 2 or xt.shape[0] != K or xt.shape[1] < n or xt.shape[1] % 8
+                               or not xt.is_contiguous()):
             raise ValueError(f"xt has shape {tuple(xt.shape)}; pass vnm.cuda_ops.transpose_x(x) (K x n rounded up to 8)")
+        if xt is not None and (xt.dtype != x.dtype or xt.device != x.device):
+            raise TypeError(f"xt is {xt.dtype} on {xt.device} but x is {x.dtype} on {x.device}; "
+                            "pass vnm.cuda_ops.transpose_x(x)")
         _C.cuda_spmm(
             p, R, K, code, _dl(values_p), _dl(meta_p), _dl(kidx), has_perm,
             _dl(None if rows is None else rows.contiguous()), _dl(x), n, _dl(bias), _dl(y),
