@@ -294,10 +294,11 @@ def test_layers_share_one_transposed_x(gen):
         t, w, mask, _ = _make(pattern, R, K, torch.float16, gen)
         p = cuda_ops.pack(t)
         y_own = _run(p, x, None)
-        y_shared = torch.full((N, R), float("nan"), dtype=torch.float16, device=DEV)
-        cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx, None, p.pattern_text, R, K,
-                                   p.has_perm, y_shared, rows=p.rows, xt=xt)
+        y_shared = cuda_ops.spmm_packed(p, x, xt=xt)
         assert torch.equal(y_shared, y_own)
+        torch.library.opcheck(torch.ops.vnm.spmm_packed.default,
+                              (x, p.values, p.meta, p.kidx, p.rows, None, p.pattern_text, R, K,
+                               p.has_perm, xt))
         assert rel_err(y_own.cpu(), _reference(x, w, mask, None, None)) < 1e-2
 
 

@@ -321,6 +321,23 @@ def test_emulated_tiled_kernel_through_the_dispatched_plan(pattern, R, K, N, gen
                 assert rel_err(y, ref) < 1e-2, (pattern, extras)
 
 
+def test_spmm_packed_takes_a_shared_transposed_x(gen):
+    """The op's optional xt (one transpose_x per activation, shared by q/k/v): same result and
+    gradients; opcheck with it (on the CPU xt is not needed and not read)."""
+    t, w, mask, _ = _make("64:2:8", 70, 96, torch.float16, gen)
+    p = cuda_ops.pack(t)
+    x = torch.randn(40, 96, generator=gen).half().requires_grad_()
+    xt = cuda_ops.transpose_x(x.detach())
+    assert xt.shape == (96, 40) and torch.equal(xt, x.detach().t())
+    y = cuda_ops.spmm_packed(p, x, xt=xt)
+    assert torch.equal(y, cuda_ops.spmm_packed(p, x))
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    torch.library.opcheck(torch.ops.vnm.spmm_packed.default,
+                          (x.detach(), p.values, p.meta, p.kidx, p.rows, None, p.pattern_text, 70, 96,
+                           p.has_perm, xt))
+
+
 def test_emulated_tiled_kernel_refuses_contiguous_b_for_m_above_4(gen):
     """The contiguous B path is M == 4 only, also when R <= V makes kidx a single block."""
     t, _, _, _ = _make("64:2:8", 64, 256, torch.float16, gen)

@@ -283,17 +283,18 @@ def _spmm_packed_op(
     R: int,
     K: int,
     has_perm: bool,
+    xt: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty((x.shape[0], R), dtype=x.dtype, device=x.device)
     return _spmm_packed_into(
         x, values_p.contiguous(), meta_p.contiguous(), kidx.contiguous(),
-        None if bias is None else bias.contiguous(), pattern, R, K, has_perm, y, rows=rows,
+        None if bias is None else bias.contiguous(), pattern, R, K, has_perm, y, rows=rows, xt=xt,
     )
 
 
 @_spmm_packed_op.register_fake
-def _(x, values_p, meta_p, kidx, rows, bias, pattern, R, K, has_perm):
+def _(x, values_p, meta_p, kidx, rows, bias, pattern, R, K, has_perm, xt=None):
     return x.new_empty((x.shape[0], R))
 
 
@@ -326,7 +327,7 @@ def _(values_p, meta_p, kidx, pattern, R, K):
 
 
 def _spmm_packed_setup_context(ctx, inputs, output):
-    x, values_p, meta_p, kidx, rows, bias, pattern, R, K, has_perm = inputs
+    x, values_p, meta_p, kidx, rows, bias, pattern, R, K, has_perm, xt = inputs
     ctx.save_for_backward(values_p, meta_p, kidx, rows)
     ctx.meta_args = (pattern, R, K, bias is not None)
 
@@ -341,7 +342,7 @@ def _spmm_packed_backward(ctx, grad_y):
     grad_stored = grad_y if rows is None else grad_y.index_select(1, rows.long())
     grad_x = grad_stored @ dense
     grad_bias = grad_y.sum(0) if has_bias else None
-    return grad_x, None, None, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None, None
 
 
 _spmm_packed_op.register_autograd(_spmm_packed_backward, setup_context=_spmm_packed_setup_context)
@@ -475,15 +476,19 @@ def packed_for(w: VNMTensor) -> PackedVNM:
     return cached
 
 
-def spmm_packed(p: PackedVNM, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def spmm_packed(p: PackedVNM, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                xt: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., K)`` from the packed weight (fp32
-    accumulation, output in ``x``'s dtype)."""
+    accumulation, output in ``x``'s dtype). ``xt``: ``transpose_x(x.reshape(-1, K))``, made once
+    and passed to every layer that reads the same x (q/k/v, gate/up) so that the CUDA tiled
+    kernel's gathered path does not transpose x again; ignored where it is not needed."""
     if not isinstance(p, PackedVNM):
         raise TypeError(f"spmm_packed takes a vnm.cuda_ops.PackedVNM, got {type(p).__name__}")
     R, K = p.shape
     check_spmm_inputs(x, p.values, bias, R, K)
     lead = x.shape[:-1]
-    y = _spmm_packed_op(x.reshape(-1, K), p.values, p.meta, p.kidx, p.rows, bias, p.pattern_text, R, K, p.has_perm)
+    y = _spmm_packed_op(x.reshape(-1, K), p.values, p.meta, p.kidx, p.rows, bias, p.pattern_text, R, K,
+                        p.has_perm, xt)
     return y.reshape(*lead, R)
 
 
