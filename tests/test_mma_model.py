@@ -382,6 +382,89 @@ def test_dispatch_plan():
     assert _C._kernel_plan(P("2:4"), 4096, 4096, 512) == (2, 64)  # M == 4: one column block
 
 
+# R <= V: every row in one kidx column block (KB == 1). The plan once took KB == 1 for "M == 4" and
+# read x columns 32 ks + k instead of the kept ones (64:2:8, R=64, K=256, N=8: 507 of 512 outputs
+# wrong). For every M > 4: R < V, R = V and R not a multiple of V (R > V), both kernels (N picks
+# the path), through the plan the dispatcher computes (sp::kernel_plan, what vnm::cuda::plan
+# calls), with K % 8 == 0 and an aligned x so that nothing but M can rule the gather-free path out.
+R_VS_V = [("lt", lambda V: V // 2 + 3), ("eq", lambda V: V), ("not_multiple", lambda V: 2 * V + 5)]
+
+
+@pytest.mark.parametrize("N", [8, 40])  # decode (N <= 32) and tiled
+@pytest.mark.parametrize("rcase", [c for c, _ in R_VS_V])
+@pytest.mark.parametrize("pattern,K", [
+    ("32:2:5", 160), ("16:2:6", 96), ("64:2:8", 256), ("128:2:8", 128), ("48:2:8", 192),
+    ("128:2:16", 512), ("32:2:16", 256), ("16:2:32", 512), ("64:2:32", 512),
+])
+def test_dispatched_plan_is_right_for_every_m_above_4_and_r_up_to_v(pattern, K, rcase, N, gen):
+    V = vnm.Pattern.parse(pattern).V
+    R = dict(R_VS_V)[rcase](V)
+    t, w, mask, _ = _make(pattern, R, K, torch.float16, gen)
+    path, bm, contiguous_b = _C._dispatch_plan(t.pattern, R, K, N, False)
+    assert path == (1 if N <= 32 else 2)
+    assert not contiguous_b, f"{pattern} (M > 4) must gather x through kidx, R={R}, V={V}"
+    x = torch.randn(N, K, generator=gen).half()
+    assert x.data_ptr() % 16 == 0
+    y = _emulate(cuda_ops.pack(t), x, None, path, contiguous_b)
+    assert bool(torch.isfinite(y).all()), "an output element was not written"
+    ref = _reference(x, w, mask, None, None)
+    # fp32 accumulation, one fp16 rounding: the bug moved whole products (rel. error O(1))
+    assert rel_err(y, ref) < 1e-2
+    assert torch.allclose(y.double(), ref, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "16:2:4", "128:2:4"])
+def test_dispatched_plan_reads_x_contiguously_only_for_m_4(pattern, gen):
+    """M == 4 keeps every column: the plan takes the gather-free path unless a perm, K or ldx
+    rules it out, and the result equals the reference (R < V and R > V alike)."""
+    for R in (8, 150):
+        t, w, mask, _ = _make(pattern, R, 64, torch.float16, gen)
+        assert _C._dispatch_plan(t.pattern, R, 64, 40, False)[2]
+        assert not _C._dispatch_plan(t.pattern, R, 64, 40, True)[2]  # perm: gather
+        assert not _C._dispatch_plan(t.pattern, R, 60, 40, False)[2]  # K % 8 != 0
+        for N in (8, 40):
+            path, _, contiguous_b = _C._dispatch_plan(t.pattern, R, 64, N, False)
+            x = torch.randn(N, 64, generator=gen).half()
+            y = _emulate(cuda_ops.pack(t), x, None, path, contiguous_b)
+            assert rel_err(y, _reference(x, w, mask, None, None)) < 1e-2
+
+
+@pytest.mark.parametrize("path", [1, 2])
+def test_emulation_refuses_the_gather_free_path_for_m_above_4(path, gen):
+    t, _, _, _ = _make("64:2:8", 64, 256, torch.float16, gen)  # R == V: KB == 1, yet M == 8
+    p = cuda_ops.pack(t)
+    x = torch.randn(40, 256, generator=gen).half()
+    y = torch.empty(40, 64, dtype=torch.float16)
+    err = _C._emulate_spmm(p.pattern, 64, 256, CODES[x.dtype], p.values.view(torch.int16), p.meta,
+                           p.kidx, p.rows, x.view(torch.int16), 40, None, y.view(torch.int16),
+                           path, True)
+    assert "needs M == 4" in err and "contiguous_b=false" in err
+
+
+def test_compress_refuses_an_invalid_mask_instead_of_overrunning():
+    """compress trusts check_mask; called without it on a block using 5 distinct columns (or a
+    row keeping 3 in a group), it raises an error naming the check instead of writing out of
+    bounds."""
+    from vnm._checks import raw_bits
+    from vnm.tensor import storage_shapes
+    P = vnm.Pattern.parse("16:2:8")
+    R, K = 16, 8
+    w = torch.ones(R, K, dtype=torch.float16)
+    for bad_rows in ({0: [0, 1], 1: [2, 3], 2: [4, 5]},  # 6 distinct columns in the block
+                     {0: [0, 1, 2]}):  # one row keeps 3
+        mask = torch.zeros(R, K, dtype=torch.bool)
+        for r, cols in bad_rows.items():
+            mask[r, cols] = True
+        assert not vnm.is_valid_mask(mask, P)
+        shapes = storage_shapes(P, R, K)
+        values = torch.empty(shapes["values"], dtype=torch.float16)
+        meta = torch.empty(shapes["meta"], dtype=torch.uint8)
+        columns = torch.empty(shapes["columns"], dtype=torch.uint8)
+        with pytest.raises(ValueError, match="not a valid 16:2:8 mask.*check_mask"):
+            _C.compress(raw_bits(w), CODES[torch.float16], mask.to(torch.uint8).contiguous(), P, R,
+                        K, raw_bits(values), meta, columns)
+
+
 # ---- 4. packing ----------------------------------------------------------------------------
 
 PATTERNS = ["2:4", "16:2:4", "16:2:5", "32:2:6", "64:2:8", "16:2:16", "128:2:8", "48:2:7", "16:2:32"]

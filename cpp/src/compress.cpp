@@ -113,7 +113,15 @@ void compress(const Layout& L, DType t, const void* weight, const uint8_t* mask,
           bool any = false;
           for (int64_t r = r0; r < std::min(R, r0 + V) && !any; ++r)
             any = mask[r * K + c0 + j] != 0;
-          if (any) sel[nsel++] = int(j);
+          if (!any) continue;
+          // check_mask guarantees at most 4 used columns per block; a caller that skipped it
+          // gets an error here instead of a write past `sel`.
+          if (nsel == kSelectedColumns)
+            throw std::invalid_argument(
+                "compress: row block " + std::to_string(rb) + ", column group " +
+                std::to_string(g) + " keeps values in more than 4 distinct columns; the mask is "
+                "not a valid " + L.pattern.str() + " mask (check it with vnm.check_mask first)");
+          sel[nsel++] = int(j);
         }
         fill_lowest(sel, nsel, kSelectedColumns, int(M));
         uint8_t* cols_out = columns + (rb * L.groups + g) * kSelectedColumns;
@@ -125,7 +133,13 @@ void compress(const Layout& L, DType t, const void* weight, const uint8_t* mask,
           if (r < R) {
             for (int i = 0; i < kSelectedColumns; ++i) {
               const int64_t c = c0 + sel[i];
-              if (c < K && mask[r * K + c]) pos[npos++] = i;
+              if (c >= K || !mask[r * K + c]) continue;
+              if (npos == kKeptPerRow)  // as above: check_mask rules this out
+                throw std::invalid_argument(
+                    "compress: row " + std::to_string(r) + " keeps more than 2 values in column "
+                    "group " + std::to_string(g) + "; the mask is not a valid " +
+                    L.pattern.str() + " mask (check it with vnm.check_mask first)");
+              pos[npos++] = i;
             }
           }
           const int kept = npos;

@@ -332,8 +332,8 @@ std::string emulate_spmm(const PackedGeom& p, DType t, const uint16_t* values_p,
                          const void* x, int64_t n_tokens, int64_t ldx, const void* bias, void* y,
                          int64_t ldy, Path path, bool contiguous_b, int64_t decode_splits) {
   if (t == DType::f32) return "the mma.sp kernels take float16 or bfloat16, not float32";
-  if (contiguous_b && (p.KB != 1 || p.K % 8 != 0))
-    return "the gather-free B path needs M == 4 and K % 8 == 0";
+  if (contiguous_b && (!p.keeps_every_column() || p.K % 8 != 0))
+    return "the gather-free B path needs M == 4 and K % 8 == 0 (use contiguous_b=false)";
   const Problem q{p, t, values_p, meta_p, kidx, out_rows, static_cast<const uint16_t*>(x), n_tokens, ldx,
                   static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), ldy};
   if (n_tokens <= 0) return {};

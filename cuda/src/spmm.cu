@@ -85,11 +85,6 @@ int check_launch(cudaError_t e, const char* what) {
   return fail(kCudaError, "%s failed: %s", what, cudaGetErrorString(e));
 }
 
-bool contiguous_b(const SpmmParams& q) {
-  return q.geom.KB == 1 && !q.has_perm && !q.force_gather && q.geom.K % 8 == 0 &&
-         q.ldx % 8 == 0 && aligned(q.x, 16);
-}
-
 }  // namespace
 
 const char* last_error() { return g_last_error.c_str(); }
@@ -104,13 +99,16 @@ int device_count() {
 }
 
 Plan plan(const SpmmParams& q) {
+  // sp::kernel_plan decides (the CPU emulation tests run the same function); B is read without
+  // a gather only when the pattern's M is 4 (not when KB == 1, which also means R' <= V).
+  const sp::KernelPlan k = sp::kernel_plan(q.geom, q.n_tokens, static_cast<sp::Path>(q.path),
+                                           q.has_perm || q.force_gather, q.ldx, aligned(q.x, 16));
   Plan out;
-  sp::Path path = static_cast<sp::Path>(q.path);
-  if (path == sp::Path::automatic) path = sp::choose_path(q.geom, q.n_tokens);
-  out.path = int(path);
-  out.bm = path == sp::Path::tiled ? sp::tiled_bm(q.geom) : sp::kTileRows;
-  out.contiguous_b = contiguous_b(q);
-  if (path == sp::Path::decode) out.splits = sp::decode_plan(q.geom, q.n_tokens, q.decode_splits).splits;
+  out.path = int(k.path);
+  out.bm = k.bm;
+  out.contiguous_b = k.contiguous_b;
+  if (k.path == sp::Path::decode)
+    out.splits = sp::decode_plan(q.geom, q.n_tokens, q.decode_splits).splits;
   return out;
 }
 

@@ -591,6 +591,16 @@ NB_MODULE(_C, m) {
   }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "path"_a = 0, "decode_splits"_a = 0,
         "float32 scratch elements the CUDA SpMM needs (decode split-K partials; 0: none).");
 
+  m.def("_dispatch_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
+                             bool has_perm) {
+    // sp::kernel_plan is what vnm::cuda::plan calls; here for an x with ldx = K, 16-byte aligned.
+    const vnm::sp::KernelPlan k = vnm::sp::kernel_plan(geom_of(p, R, K), n_tokens,
+                                                       vnm::sp::Path::automatic, has_perm, K, true);
+    return nb::make_tuple(int(k.path), k.bm, k.contiguous_b);
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "has_perm"_a,
+        "(path, row tile, contiguous B) the GPU dispatch picks for an aligned x (test hook; runs "
+        "on the CPU build).");
+
   // Test hook: converts n elements between dtypes with the core's conversions (load_as_float,
   // store_from_float), so tests can compare them with torch's rounding on every bit pattern.
   m.def("_cast", [](const Any& src, int src_dtype, Any dst, int dst_dtype) {

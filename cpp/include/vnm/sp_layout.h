@@ -133,8 +133,12 @@ struct PackedGeom {
   VNM_HD int64_t values_count() const { return MT * KS * kWarp * 8; }
   VNM_HD int64_t meta_words() const { return MT * KS * 16; }
   VNM_HD int64_t kidx_count() const { return KB * Gp * 4; }
-  // kidx column block of a row (all rows share block 0 when M == 4).
+  // kidx column block of a row (all rows share block 0 when M == 4, or when R' <= V).
   VNM_HD int64_t kidx_block(int64_t row) const { return KB == 1 ? 0 : row / row_block; }
+  // Whether every group keeps all its columns, so that kidx entry k of k-step ks is column
+  // 32 ks + k (up to K) and B needs no gather: the pattern's M == 4, nothing else. KB == 1 is no
+  // proxy for it: for M > 4 it also holds whenever R' <= V, and the kept columns still vary.
+  VNM_HD bool keeps_every_column() const { return M == 4; }
 };
 
 // Element index in values_p of element i held by `lane` for tile (mt, ks).
@@ -441,6 +445,29 @@ inline int64_t spmm_workspace_floats(const PackedGeom& p, int64_t n_tokens, Path
   if (path == Path::automatic) path = choose_path(p, n_tokens);
   if (path != Path::decode || n_tokens <= 0) return 0;
   return decode_plan(p, n_tokens, decode_splits).workspace_floats(n_tokens, p.R);
+}
+
+// Whether the kernels read B (x) straight, without the kidx gather: every column kept
+// (keeps_every_column), no input perm folded into kidx (gather_forced covers that and an explicit
+// request), and x rows that allow the 16-byte (8-element) copies.
+inline bool contiguous_b(const PackedGeom& p, bool gather_forced, int64_t ldx, bool x_aligned16) {
+  return p.keeps_every_column() && !gather_forced && p.K % 8 == 0 && ldx % 8 == 0 && x_aligned16;
+}
+
+// What the dispatcher (vnm::cuda::plan) launches, kept here so that the CPU emulation tests run
+// the very plan the GPU would.
+struct KernelPlan {
+  Path path = Path::decode;
+  int bm = 0;  // row tile: tiled_bm for the tiled kernel, kTileRows for decode
+  bool contiguous_b = false;
+};
+inline KernelPlan kernel_plan(const PackedGeom& p, int64_t n_tokens, Path requested,
+                              bool gather_forced, int64_t ldx, bool x_aligned16) {
+  KernelPlan out;
+  out.path = requested == Path::automatic ? choose_path(p, n_tokens) : requested;
+  out.bm = out.path == Path::tiled ? tiled_bm(p) : kTileRows;
+  out.contiguous_b = contiguous_b(p, gather_forced, ldx, x_aligned16);
+  return out;
 }
 
 }  // namespace vnm::sp
