@@ -136,8 +136,14 @@ std::string emulate_decode(const Problem& q, int64_t decode_splits) {
   const PackedGeom& p = q.p;
   const DecodePlan d = decode_plan(p, q.n_tokens, decode_splits);
   const int64_t N = q.n_tokens, R = p.R, KS = p.KS;
+  constexpr int KPS = kDecodeStepsPerStage, STAGES = kDecodeStages;
   std::vector<float> ws(size_t(d.workspace_floats(N, R)));
-  std::vector<uint32_t> b_words(size_t(d.ks_cta * d.nt * kDecodeThreads));
+  // The CTA's dynamic shared memory, addressed only through the decode_*_byte functions the
+  // kernel uses, poisoned before every CTA: a slot read before it was written holds 0xFF bytes
+  // (an invalid metadata nibble, a NaN A or B) and fails the comparison or the model.
+  std::vector<unsigned char> smem(size_t(d.smem_bytes()));
+  auto word = [&](int64_t byte) -> uint32_t& { return *reinterpret_cast<uint32_t*>(smem.data() + byte); };
+  auto fword = [&](int64_t byte) -> float& { return *reinterpret_cast<float*>(smem.data() + byte); };
   std::vector<float> acc(size_t(kDecodeWarps) * d.nt * kWarp * 4);
   auto acc_at = [&](int warp, int j) {
     return reinterpret_cast<float(*)[4]>(acc.data() + (size_t(warp) * d.nt + j) * kWarp * 4);
@@ -145,10 +151,37 @@ std::string emulate_decode(const Problem& q, int64_t decode_splits) {
   for (int64_t cx = 0; cx < d.row_ctas; ++cx)
     for (int64_t cy = 0; cy < d.splits; ++cy)
       for (int64_t cz = 0; cz < d.token_ctas; ++cz) {
+        std::fill(smem.begin(), smem.end(), 0xFF);
         const int64_t mt0 = cx * d.wt, ks_cta0 = cy * d.ks_cta, tok0 = cz * d.nt * kTileTokens;
+        // Per warp: row tile, k-range, valid k-steps (past KS or past the last tile: none).
+        int64_t n_valid[kDecodeWarps], ks_w0[kDecodeWarps];
+        for (int warp = 0; warp < kDecodeWarps; ++warp) {
+          const int tile = warp % d.wt, part = warp / d.wt;
+          ks_w0[warp] = ks_cta0 + part * d.ks_warp;
+          n_valid[warp] = mt0 + tile < p.MT ? std::max<int64_t>(std::min(d.ks_warp, KS - ks_w0[warp]), 0) : 0;
+        }
+        // Pipeline stage g of every warp into slot g % STAGES: its valid k-steps only.
+        auto issue = [&](int64_t g) {
+          for (int warp = 0; warp < kDecodeWarps; ++warp) {
+            const int64_t mt = mt0 + warp % d.wt;
+            for (int s = 0; s < KPS; ++s) {
+              const int64_t i = g * KPS + s;
+              if (i >= n_valid[warp]) continue;
+              const int64_t ks = ks_w0[warp] + i;
+              for (int lane = 0; lane < kWarp; ++lane) {
+                const uint16_t* src = q.values_p + packed_value_index(p, mt, ks, lane, 0);
+                for (int r = 0; r < 4; ++r)
+                  word(decode_a_byte(int(g % STAGES), warp, s, lane) + 4 * r) = pack16(src[2 * r], src[2 * r + 1]);
+                word(decode_meta_byte(int(g % STAGES), warp, s, lane)) =
+                    q.meta_p[packed_meta_index(p, mt, ks, meta_word_of_lane(lane))];
+              }
+            }
+          }
+        };
+        for (int64_t g = 0; g < STAGES - 1; ++g) issue(g);
         // The gather, thread by thread: B-fragment words of every local k-step and token tile.
         const int32_t* kcta = q.kidx + kidx_step_index(p, p.kidx_block(mt0 * kTileRows), ks_cta0);
-        const int64_t kl_end = std::min(d.ks_cta, KS - ks_cta0);
+        const int64_t kl_end = std::max<int64_t>(0, std::min(d.ks_cta, KS - ks_cta0));
         for (int tid = 0; tid < kDecodeThreads; ++tid) {
           const int b_lane = tid >> 2, r = tid & 3;
           const BElem e0 = b_elem(b_lane, 2 * r);
@@ -160,38 +193,47 @@ std::string emulate_decode(const Problem& q, int64_t decode_splits) {
                 const int32_t col = kl < kl_end ? kcta[kl * kStepK + e0.k + h] : -1;
                 if (tok < N && col >= 0) half[h] = x_at(q, tok, col);
               }
-              b_words[size_t(decode_b_word(d.nt, int(kl), j, b_lane, r))] = pack16(half[0], half[1]);
+              word(decode_b_byte(d.nt, int(kl), j, b_lane, r)) = pack16(half[0], half[1]);
             }
         }
-        // Every warp: its row tile and k-range; k-steps past KS and tiles past MT are skipped.
+        // Main loop in lockstep: stage g of every warp, after stage g + STAGES - 1 went out.
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int warp = 0; warp < kDecodeWarps; ++warp) {
-          const int tile = warp % d.wt, part = warp / d.wt;
-          const int64_t mt = mt0 + tile, ks_w0 = ks_cta0 + part * d.ks_warp;
-          const int64_t n_valid = mt < p.MT ? std::max<int64_t>(std::min(d.ks_warp, KS - ks_w0), 0) : 0;
-          for (int64_t i = 0; i < n_valid; ++i) {
-            const int64_t ks = ks_w0 + i, kl = part * d.ks_warp + i;
-            uint32_t a[kWarp][4], e[kWarp], b[kWarp][4];
-            for (int lane = 0; lane < kWarp; ++lane) {
-              const uint16_t* src = q.values_p + packed_value_index(p, mt, ks, lane, 0);
-              for (int r = 0; r < 4; ++r) a[lane][r] = pack16(src[2 * r], src[2 * r + 1]);
-              e[lane] = q.meta_p[packed_meta_index(p, mt, ks, meta_word_of_lane(lane))];
-            }
-            for (int j = 0; j < d.nt; ++j) {
-              for (int lane = 0; lane < kWarp; ++lane)
-                for (int r = 0; r < 4; ++r)
-                  b[lane][r] = b_words[size_t(decode_b_word(d.nt, int(kl), j, lane, r))];
-              std::string err = mma_sp_m16n8k32(q.t, a, b, e, 0, acc_at(warp, j));
-              if (!err.empty()) return err;
+        const int64_t stages = (*std::max_element(n_valid, n_valid + kDecodeWarps) + KPS - 1) / KPS;
+        for (int64_t g = 0; g < stages; ++g) {
+          issue(g + STAGES - 1);
+          for (int warp = 0; warp < kDecodeWarps; ++warp) {
+            const int part = warp / d.wt;
+            for (int s = 0; s < KPS; ++s) {
+              const int64_t i = g * KPS + s;
+              if (i >= n_valid[warp]) continue;
+              const int64_t kl = part * d.ks_warp + i;
+              uint32_t a[kWarp][4], e[kWarp], b[kWarp][4];
+              for (int lane = 0; lane < kWarp; ++lane) {
+                for (int r = 0; r < 4; ++r) a[lane][r] = word(decode_a_byte(int(g % STAGES), warp, s, lane) + 4 * r);
+                e[lane] = word(decode_meta_byte(int(g % STAGES), warp, s, lane));
+              }
+              for (int j = 0; j < d.nt; ++j) {
+                for (int lane = 0; lane < kWarp; ++lane)
+                  for (int r = 0; r < 4; ++r) b[lane][r] = word(decode_b_byte(d.nt, int(kl), j, lane, r));
+                std::string err = mma_sp_m16n8k32(q.t, a, b, e, 0, acc_at(warp, j));
+                if (!err.empty()) return err;
+              }
             }
           }
         }
-        // Reduction along k in warp order (part 1, 2, ...), then the store or the partials.
+        // Reduction along k through shared memory (parts 1.. write, part 0 adds in part order),
+        // then the store or the partials.
+        for (int warp = d.wt; warp < kDecodeWarps; ++warp)
+          for (int j = 0; j < d.nt; ++j)
+            for (int lane = 0; lane < kWarp; ++lane)
+              for (int c = 0; c < 4; ++c)
+                fword(decode_red_byte(d.wt, d.nt, warp / d.wt, warp % d.wt, j, c, lane)) = acc_at(warp, j)[lane][c];
         for (int tile = 0; tile < d.wt; ++tile) {
           for (int part = 1; part < d.kparts; ++part)
             for (int j = 0; j < d.nt; ++j)
               for (int lane = 0; lane < kWarp; ++lane)
-                for (int c = 0; c < 4; ++c) acc_at(tile, j)[lane][c] += acc_at(part * d.wt + tile, j)[lane][c];
+                for (int c = 0; c < 4; ++c)
+                  acc_at(tile, j)[lane][c] += fword(decode_red_byte(d.wt, d.nt, part, tile, j, c, lane));
           for (int j = 0; j < d.nt; ++j)
             for (int lane = 0; lane < kWarp; ++lane)
               for (int c = 0; c < 4; ++c) {

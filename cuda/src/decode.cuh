@@ -59,14 +59,21 @@ __device__ __forceinline__ void cp_async4_if(unsigned smem_addr, const void* gme
       "l"(gmem), "r"(int(pred)), "l"(policy));
 }
 
+// Keeps a pointer computed once in a register: without it nvcc re-derives it from the kernel
+// parameters (constant-bank loads and a 64-bit multiply) at every use inside the gather loop.
+template <class P>
+__device__ __forceinline__ void pin_register(P*& ptr) {
+  asm volatile("" : "+l"(ptr));
+}
+
 // T: element type traits (F16 / BF16). NT: n8 token tiles per CTA (1, 2 or 4).
 template <class T, int NT>
 __global__ void __launch_bounds__(sp::kDecodeThreads)
     spmm_decode_kernel(const KernelArgs a, const DecodeArgs d) {
   using namespace vnm::sp;
   constexpr int KPS = kDecodeStepsPerStage, STAGES = kDecodeStages;
-  constexpr int PIPE_SLOTS = STAGES * kDecodeWarps * KPS * kDecodeStepBytes / 16;  // 16-byte slots
-  extern __shared__ uint4 dsmem[];
+  extern __shared__ uint4 dsmem[];  // byte offsets: decode_*_byte (sp_layout.h)
+  unsigned char* const smem = reinterpret_cast<unsigned char*>(dsmem);
 
   const PackedGeom& p = a.p;
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
@@ -96,21 +103,16 @@ __global__ void __launch_bounds__(sp::kDecodeThreads)
   int left = n_valid;
   const uint64_t policy = evict_first_policy();
   const unsigned smem0 = static_cast<unsigned>(__cvta_generic_to_shared(dsmem));
-  const unsigned a_dst0 = smem0 + 16u * unsigned(decode_a_slot(0, warp, 0, lane));
-  const unsigned m_dst0 =
-      smem0 + STAGES * kDecodeAStageBytes + 4u * unsigned(decode_meta_word(0, warp, 0, lane));
-  constexpr unsigned A_STAGE = kDecodeAStageBytes;  // bytes between stages
-  constexpr unsigned M_STAGE = kDecodeAStageBytes / 4;
-  constexpr int A_STEP_BYTES = kWarp * 16, M_STEP_BYTES = 64;
+  constexpr int A_STEP_BYTES = kWarp * 16, M_STEP_BYTES = 64;  // global bytes per k-step
 
   // Stage `slot` <- the next KPS k-steps (those past the valid ones are not copied).
   auto issue = [&](int slot) {
 #pragma unroll
     for (int s = 0; s < KPS; ++s) {
-      cp_async16_if(a_dst0 + slot * A_STAGE + s * A_STEP_BYTES, a_next + s * A_STEP_BYTES,
-                    left > s, policy);
-      cp_async4_if(m_dst0 + slot * M_STAGE + s * (kWarp * 4), m_next + s * M_STEP_BYTES, left > s,
-                   policy);
+      cp_async16_if(smem0 + decode_a_byte(slot, warp, s, lane), a_next + s * A_STEP_BYTES, left > s,
+                    policy);
+      cp_async4_if(smem0 + decode_meta_byte(slot, warp, s, lane), m_next + s * M_STEP_BYTES,
+                   left > s, policy);
     }
     a_next += KPS * A_STEP_BYTES;
     m_next += KPS * M_STEP_BYTES;
@@ -124,31 +126,44 @@ __global__ void __launch_bounds__(sp::kDecodeThreads)
 
   // ---- x of the CTA's tokens and k-range, gathered once into B-fragment order -------------
   // Thread tid fills register r = tid & 3 of fragment lane tid >> 2 for every local k-step and
-  // token tile: decode_b_word(NT, kl, j, tid >> 2, tid & 3) == (kl * NT + j) * 128 + tid.
-  uint32_t* b_words = reinterpret_cast<uint32_t*>(dsmem + PIPE_SLOTS);
+  // token tile.
   {
     const int b_lane = tid >> 2;
     const BElem e0 = b_elem(b_lane, 2 * (tid & 3));  // k of the pair's low half, token g
-    const int32_t* kx =
-        a.kidx + kidx_step_index(p, p.kidx_block(mt0 * kTileRows), ks_cta0) + e0.k;
+    const int2* kx = reinterpret_cast<const int2*>(
+        a.kidx + kidx_step_index(p, p.kidx_block(mt0 * kTileRows), ks_cta0) + e0.k);
+    // Every load is unconditional and in bounds: a token past N reads row 0, a padding column
+    // (kidx < 0) column 0, and the pair is masked to zero afterwards (no predicated loads, no
+    // zero-initialised registers).
     const uint16_t* xrow[NT];
+    uint32_t tok_mask[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int64_t tok = tok0 + j * kTileTokens + e0.n;
-      xrow[j] = tok < a.n_tokens ? a.x + tok * a.ldx : nullptr;
+      tok_mask[j] = tok < a.n_tokens ? 0xFFFFFFFFu : 0u;
+      xrow[j] = a.x + (tok < a.n_tokens ? tok : 0) * a.ldx;
+      pin_register(xrow[j]);
     }
-    const int kl_end = min(d.ks_cta, KS - ks_cta0);  // local k-steps past KS gather zeros
-    uint32_t* dst = b_words + tid;
-#pragma unroll 2
-    for (int kl = 0; kl < d.ks_cta; ++kl) {
-      const int2 kk = kl < kl_end ? ld_ro_i2(kx + kl * kStepK) : make_int2(-1, -1);
+    pin_register(kx);
+    const int kl_end = max(0, min(d.ks_cta, KS - ks_cta0));  // local k-steps past KS: zeros
+    const int b_lane_r = tid & 3;
+    auto dst = [&](int kl, int j) -> uint32_t& {
+      return *reinterpret_cast<uint32_t*>(smem + decode_b_byte(NT, kl, j, b_lane, b_lane_r));
+    };
+#pragma unroll 4
+    for (int kl = 0; kl < kl_end; ++kl) {
+      const int2 kk = ld_ro_i2(reinterpret_cast<const int32_t*>(kx + kl * (kStepK / 2)));
+      const uint32_t col_mask = (kk.x >= 0 ? 0x0000FFFFu : 0u) | (kk.y >= 0 ? 0xFFFF0000u : 0u);
+      const int c0 = max(kk.x, 0), c1 = max(kk.y, 0);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const uint16_t lo = (xrow[j] && kk.x >= 0) ? ld_ro_u16(xrow[j] + kk.x) : uint16_t(0);
-        const uint16_t hi = (xrow[j] && kk.y >= 0) ? ld_ro_u16(xrow[j] + kk.y) : uint16_t(0);
-        dst[(kl * NT + j) * (kWarp * 4)] = pack16(lo, hi);
+        const uint32_t pair = pack16(ld_ro_u16(xrow[j] + c0), ld_ro_u16(xrow[j] + c1));
+        dst(kl, j) = pair & col_mask & tok_mask[j];
       }
     }
+    for (int kl = kl_end; kl < d.ks_cta; ++kl)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) dst(kl, j) = 0u;
   }
   __syncthreads();
 
@@ -158,21 +173,20 @@ __global__ void __launch_bounds__(sp::kDecodeThreads)
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
-  const uint4* a_frag = dsmem + decode_a_slot(0, warp, 0, lane);
-  const uint32_t* m_frag = reinterpret_cast<const uint32_t*>(dsmem) + STAGES * kDecodeAStageBytes / 4 +
-                           decode_meta_word(0, warp, 0, lane);
-  const uint4* b_frag = dsmem + PIPE_SLOTS + part * d.ks_warp * NT * kWarp + lane;
-  constexpr int A_STAGE_SLOTS = kDecodeAStageBytes / 16, M_STAGE_WORDS = kDecodeAStageBytes / 4;
+  // B of the round's first k-step: local k-step part * ks_warp + STAGES * KPS * round.
+  const uint4* b_round = dsmem + decode_b_byte(NT, part * d.ks_warp, 0, lane, 0) / 16;
+  constexpr int B_STEP = (decode_b_byte(NT, 1, 0, 0, 0) - decode_b_byte(NT, 0, 0, 0, 0)) / 16;
   auto compute = [&](int slot, int b_step, int steps) {  // `steps` k-steps of stage `slot`
 #pragma unroll
     for (int s = 0; s < KPS; ++s) {
       if (s < steps) {
-        const uint4 av = a_frag[slot * A_STAGE_SLOTS + s * kWarp];
+        const uint4 av = dsmem[decode_a_byte(slot, warp, s, lane) / 16];
         const uint32_t af[4] = {av.x, av.y, av.z, av.w};
-        const uint32_t e = m_frag[slot * M_STAGE_WORDS + s * kWarp];
+        const uint32_t e = reinterpret_cast<const uint32_t*>(dsmem)[decode_meta_byte(slot, warp, s, lane) / 4];
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          const uint4 bv = b_frag[((b_step + s) * NT + j) * kWarp];
+          const uint4 bv =
+              b_round[(decode_b_byte(NT, b_step + s, j, 0, 0) - decode_b_byte(NT, 0, 0, 0, 0)) / 16];
           const uint32_t bf[4] = {bv.x, bv.y, bv.z, bv.w};
           mma_sp<T>(acc[j], af, bf, e);
         }
@@ -190,7 +204,7 @@ __global__ void __launch_bounds__(sp::kDecodeThreads)
   for (int round = full / STAGES; round > 0; --round) {
 #pragma unroll
     for (int st = 0; st < STAGES; ++st) stage(st);
-    b_frag += STAGES * KPS * NT * kWarp;
+    b_round += STAGES * KPS * B_STEP;
   }
   {
     const int rest = full % STAGES;
@@ -208,14 +222,16 @@ __global__ void __launch_bounds__(sp::kDecodeThreads)
   // ---- reduction along k inside the CTA (warp order), then the store or the partials -------
   if (d.kparts > 1) {
     __syncthreads();  // every warp is past its pipeline: the stage area becomes the reduction
-    float* red = reinterpret_cast<float*>(dsmem);  // [kparts - 1][wt][NT][4][32]
     const int wt = 1 << d.wt_shift;
+    auto red = [&](int q, int j, int c) -> float& {
+      return *reinterpret_cast<float*>(smem + decode_red_byte(wt, NT, q, tile, j, c, lane));
+    };
     if (part > 0) {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          red[((((part - 1) * wt + tile) * NT + j) * 4 + c) * kWarp + lane] = acc[j][c];
+          red(part, j, c) = acc[j][c];
     }
     __syncthreads();
     if (part == 0) {
@@ -224,7 +240,7 @@ __global__ void __launch_bounds__(sp::kDecodeThreads)
         for (int j = 0; j < NT; ++j)
 #pragma unroll
           for (int c = 0; c < 4; ++c)
-            acc[j][c] += red[((((q - 1) * wt + tile) * NT + j) * 4 + c) * kWarp + lane];
+            acc[j][c] += red(q, j, c);
     }
   }
   if (part != 0) return;

@@ -365,7 +365,7 @@ struct DecodePlan {
   int64_t ks_warp = 0;  // k-steps per warp: ks_cta / kparts (a multiple of the steps per stage)
   // Dynamic shared memory: A stages, metadata stages (kDecodeStepBytes a step), then B.
   VNM_HD int64_t pipe_bytes() const {
-    return int64_t(kDecodeStages) * kDecodeWarps * kDecodeStepsPerStage * kDecodeStepBytes;
+    return int64_t(kDecodeStages) * kDecodeWarps * kDecodeStepsPerStage * (kWarp * (16 + 4));
   }
   VNM_HD int64_t b_bytes() const { return ks_cta * nt * kWarp * 16; }
   VNM_HD int64_t smem_bytes() const { return pipe_bytes() + b_bytes(); }
@@ -404,21 +404,31 @@ inline DecodePlan decode_plan(const PackedGeom& p, int64_t n_tokens, int64_t spl
   return d;
 }
 
-// Shared-memory offsets of the decode CTA: A fragments in 16-byte units from the start, the
-// metadata words in 4-byte units from the end of the A stages.
-VNM_HD int decode_a_slot(int stage, int warp, int step, int lane) {
-  return ((stage * kDecodeWarps + warp) * kDecodeStepsPerStage + step) * kWarp + lane;
-}
+// Shared memory of a decode CTA, byte offsets (the kernel and its CPU emulation address it only
+// through these): the A stages, the metadata stages, then the gathered B; after the main loop the
+// start of it is reused for the reduction along k.
 constexpr int kDecodeAStageBytes = kDecodeWarps * kDecodeStepsPerStage * kWarp * 16;
-VNM_HD int decode_meta_word(int stage, int warp, int step, int lane) {
-  return ((stage * kDecodeWarps + warp) * kDecodeStepsPerStage + step) * kWarp + lane;
+constexpr int kDecodeMetaBase = kDecodeStages * kDecodeAStageBytes;
+constexpr int kDecodePipeBytes = kDecodeStages * kDecodeWarps * kDecodeStepsPerStage * kDecodeStepBytes;
+// Lane `lane`'s 16-byte A fragment of k-step `step` of pipeline slot `stage`, for warp `warp`.
+VNM_HD constexpr int decode_a_byte(int stage, int warp, int step, int lane) {
+  return (((stage * kDecodeWarps + warp) * kDecodeStepsPerStage + step) * kWarp + lane) * 16;
 }
-// B fragment (register r of `lane`, token tile j) of the CTA's local k-step kl, 32-bit units
-// from the start of the B region: thread tid of the gather writes word (kl * nt + j) * 128 + tid
-// (lane = tid >> 2, register r = tid & 3), so the gather's stores and the main loop's 16-byte
-// loads are both conflict-free.
-VNM_HD int decode_b_word(int nt, int kl, int j, int lane, int r) {
-  return ((kl * nt + j) * kWarp + lane) * 4 + r;
+// Lane `lane`'s own copy of its metadata word (meta_word_of_lane) for the same k-step.
+VNM_HD constexpr int decode_meta_byte(int stage, int warp, int step, int lane) {
+  return kDecodeMetaBase +
+         (((stage * kDecodeWarps + warp) * kDecodeStepsPerStage + step) * kWarp + lane) * 4;
+}
+// Register r of lane `lane`'s B fragment, token tile j, local k-step kl (nt token tiles). The
+// gather's thread tid writes r = tid & 3 of lane tid >> 2: 128 consecutive words per (kl, j),
+// and the main loop reads a lane's 4 registers with one 16-byte load: both conflict-free.
+VNM_HD constexpr int decode_b_byte(int nt, int kl, int j, int lane, int r) {
+  return kDecodePipeBytes + (((kl * nt + j) * kWarp + lane) * 4 + r) * 4;
+}
+// Reduction along k: accumulator c of token tile j of the warp with k-part `part` (>= 1) and row
+// tile `tile`, lane `lane`.
+VNM_HD constexpr int decode_red_byte(int wt, int nt, int part, int tile, int j, int c, int lane) {
+  return (((((part - 1) * wt + tile) * nt + j) * 4 + c) * kWarp + lane) * 4;
 }
 
 // ---- dispatch ----------------------------------------------------------------------------------
