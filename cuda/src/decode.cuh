@@ -3,10 +3,11 @@
 //
 // What bounds it is the weight stream, so it is built around that (sp::DecodePlan explains the
 // split; the CPU emulation in cpp/src/mma_model.cpp mirrors every index used here):
-//   * Each warp owns one 16-row tile and a range of k-steps and streams its A fragments and
-//     metadata (576 B a k-step) through its own kDecodeStages-deep cp.async pipeline, with an L2
-//     evict-first policy (the weights are read once; x, kidx and the partials should stay in
-//     L2). Only the warp reads its stages, so the main loop has no CTA barrier.
+//   * Each warp owns one 16-row tile and a range of k-steps and streams its A fragments (512 B a
+//     k-step, 16-byte copies) and each lane its own metadata word (4-byte copies) through its
+//     own kDecodeStages-deep cp.async pipeline, with an L2 evict-first policy (the weights are
+//     read once; x, kidx and the partials should stay in L2). A lane reads only what it copied,
+//     so the main loop has no barrier at all, not even a warp one.
 //   * x for the CTA's tokens and k-range is gathered ONCE into shared memory, in B-fragment
 //     order: the main loop reads one B fragment with one 16-byte shared load, for every M, perm
 //     or not. The gather runs before the loop, while the first stages of weights are in flight;
@@ -15,8 +16,10 @@
 //   * Split-K: warps along k inside the CTA (when V gives fewer than 4 row tiles) reduce through
 //     shared memory in warp order; CTAs along k write fp32 partials to a workspace that
 //     decode_reduce_kernel adds in split order. Deterministic: no atomics, same bits every run.
-//   * The loop is unrolled by kDecodeStepsPerStage (2): no register ping-pong between a
-//     "current" and a "next" fragment, stage indices by compare-and-reset, 32-bit counters.
+//   * kDecodeStepsPerStage (2) k-steps a stage and the loop unrolled by the kDecodeStages stages:
+//     no register ping-pong between a "current" and a "next" fragment, stage slots and shared
+//     offsets are compile-time constants, 32-bit counters. Shared memory is addressed only
+//     through sp::decode_*_byte, which the CPU emulation uses too.
 #pragma once
 
 #include <algorithm>
