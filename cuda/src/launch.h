@@ -29,9 +29,20 @@ struct KernelArgs {
   int contig;  // B without a gather: x column 32 ks + k (M == 4, no perm, 16-byte aligned rows)
 };
 
-// Grid (MT, ceil(N / 32)), kDecodeWarps warps: small N, memory bound.
+// Decode kernel (decode.cuh): what it reads of sp::DecodePlan, plus the split-K workspace.
+struct DecodeArgs {
+  int wt_shift = 0;      // log2 of the row tiles per CTA
+  int kparts = 1;        // warps along k per row tile
+  int ks_cta = 0;        // k-steps per CTA
+  int ks_warp = 0;       // k-steps per warp
+  float* ws = nullptr;   // [splits][N][R] fp32 partials, null when the plan has one split
+};
+
+// Grid (row_ctas, splits, token_ctas) of sp::decode_plan, kDecodeThreads threads, then (splits
+// > 1) the reduction over `ws` (DecodePlan::workspace_floats floats). Small N, memory bound.
 template <class T>
-cudaError_t launch_decode(const KernelArgs& a, cudaStream_t stream);
+cudaError_t launch_decode(const KernelArgs& a, const sp::DecodePlan& d, float* ws,
+                          cudaStream_t stream);
 
 // Grid (ceil(MT / S::MT_CTA), ceil(N / S::BN)), S::THREADS threads: large N.
 template <class T, class S>

@@ -3,7 +3,6 @@
 
 namespace vnm::cuda::dev {
 
-template cudaError_t launch_decode<F16>(const KernelArgs&, cudaStream_t);
 template cudaError_t launch_tiled<F16, sp::TileM64>(const KernelArgs&, cudaStream_t);
 template cudaError_t launch_tiled<F16, sp::TileM32>(const KernelArgs&, cudaStream_t);
 template cudaError_t launch_tiled<F16, sp::TileM16>(const KernelArgs&, cudaStream_t);

@@ -51,6 +51,12 @@ struct SpmmParams {
   void* stream = nullptr;              // cudaStream_t
   int path = 0;                        // sp::Path: 0 automatic, 1 decode, 2 tiled (for tests)
   bool force_gather = false;           // tests: gather B even where the contiguous path applies
+  // Decode kernel split-K (sp::decode_plan): fp32 scratch of sp::spmm_workspace_floats floats,
+  // stream-ordered with the launch (the Python op passes a torch allocation). Null: spmm()
+  // takes it from cudaMallocAsync on the stream and frees it there after the reduction.
+  float* workspace = nullptr;
+  int64_t workspace_floats = 0;
+  int64_t decode_splits = 0;           // tests: force the decode kernel's k splits (0 automatic)
 };
 int spmm(const SpmmParams& params);
 
@@ -60,6 +66,7 @@ struct Plan {
   int path = 0;
   int bm = 0;
   bool contiguous_b = false;
+  int64_t splits = 1;  // decode: CTAs along k (sp::DecodePlan::splits)
 };
 Plan plan(const SpmmParams& params);
 
