@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""A roofline BOUND for the V:N:M SpMM kernels against dense fp16 at peak, from the compiled code.
+
+THIS IS AN UPPER BOUND, NOT A PREDICTION: every limit below assumes the best case for the sparse
+kernel (all SMs busy, no tail, no bank conflicts, perfectly coalesced accesses, caches that
+never miss more than the tiling forces, mma.sync at the sparse tensor peak even on Hopper), and
+the dense baseline is cuBLAS-like dense at its own peak (max of tensor time and DRAM time). A
+kernel can only be slower than its ceiling.
+
+y = x W^T with W (R x K) in a V:N:M pattern (2:4 is M = 4, row block 16), x (N x K), fp16. For
+each GPU, shape and N the kernel the dispatcher picks (decode for N <= 32, tiled otherwise; x
+contiguous for M == 4, gathered for M > 4) is looked up in the static SASS report
+(bench/sass_report.py, run here, cached), and the time is bounded below by each limit:
+
+* tensor:  n_mma * 2*16*8*32 flops / sparse fp16 peak; n_mma = (R'/16) * KS * ceil(N/8), KS =
+  ceil(ceil(K/M)/8) k-steps of 32 logical k (each covers 8 groups of M columns);
+* issue:   n_mma * (1 + non-MMA per MMA) warp instructions / (SMs * 4 schedulers * clock);
+* L1:      n_mma * wavefronts per MMA / (SMs * 1 wavefront (128 B) per clock);
+* L2:      bytes the tiling forces between L2 and the SMs / L2 bandwidth: the packed weights once
+  per CTA column of tokens (ceil(N/BN) times), x once per CTA row (ceil(R'/BM) times; the
+  token-major gather touches every sector of x, so gathering saves no L2 bytes), y once;
+* DRAM:    packed weights (values, metadata, kidx) + x + y, each once / DRAM bandwidth;
+* latency: DRAM bytes / (SMs * DRAM bytes in flight per SM / DRAM latency) (Little's law); DRAM
+  bytes in flight per SM = resident warps * global load bytes one warp has in flight (its
+  steady-state iteration's loads, times the cp.async groups it keeps in flight) * the DRAM share
+  of the traffic (DRAM bytes / L2 bytes above); resident warps from registers, shared memory and
+  threads per CTA, the grid assumed to fill every SM.
+
+Per-MMA counts (instructions, wavefronts) and per-iteration loads are the busiest warp's
+steady-state path from the SASS report; warps that skip a predicated block (a cp.async issued by
+a subset of threads) execute a little less, which the issue and L1 limits do not credit.
+
+    python bench/roofline.py                      # H100 SXM, H200, A100; LLaMA-7B and DeiT-base
+    python bench/roofline.py --gpu H100 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---- hardware (public figures) ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    arch: str  # the SASS the kernels run on it
+    sms: int
+    dense_tflops: float  # fp16 tensor, dense, fp32 accumulate
+    sparse_tflops: float  # fp16 tensor, 2:4 sparse
+    flops_per_clk_per_sm: int  # dense fp16 tensor flops per SM per clock
+    dram_gbs: float
+    l2_bytes_per_clk: int
+    smem_per_sm: int  # bytes a kernel may use per SM
+    dram_latency_us: float
+
+    @property
+    def clock_hz(self) -> float:
+        """The clock the datasheet's tensor peak is computed at (so every limit uses one clock)."""
+        return self.dense_tflops * 1e12 / (self.sms * self.flops_per_clk_per_sm)
+
+    @property
+    def l2_gbs(self) -> float:
+        return self.l2_bytes_per_clk * self.clock_hz / 1e9
+
+
+ISSUE_PER_CLK_PER_SM = 4  # four SM sub-partitions, one warp instruction each per clock (A100, H100 whitepapers)
+WAVEFRONTS_PER_CLK_PER_SM = 1  # shared/L1: 32 banks x 4 B = 128 B per clock (CUDA C++ Programming Guide, shared memory of cc 8.x / 9.x)
+REGS_PER_SM = 65536  # CUDA C++ Programming Guide, technical specifications (cc 8.0, 9.0)
+MAX_THREADS_PER_SM = 2048
+MAX_CTAS_PER_SM = 32
+
+GPUS: Dict[str, GPU] = {
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989.4 TF fp16 dense / 1,979 sparse, 3.35 TB/s;
+    # H100 whitepaper: 132 SMs, 2x A100's dense MMA rate per SM per clock (4096 flops/clk/SM),
+    # 228 KB shared memory per SM (CUDA Programming Guide, cc 9.0). NVIDIA publishes no L2
+    # bandwidth for H100: A100's 5120 B/clk is taken, at H100's clock (measured H100 L2 bandwidth
+    # in public microbenchmarks is not higher per clock, so this errs high, as a bound should).
+    # DRAM latency: an assumption, ~0.5 us (public microbenchmarks of A100/H100 report roughly
+    # 0.45-0.6 us for an HBM access); a lower latency would only raise the ceiling of a kernel
+    # that is latency-bound.
+    "H100": GPU("H100 SXM", "sm_90", 132, 989.4, 1978.9, 4096, 3350, 5120, 228 * 1024, 0.5),
+    # NVIDIA H200 datasheet (SXM): the same tensor peaks as H100 SXM, 4.8 TB/s HBM3e.
+    "H200": GPU("H200 SXM", "sm_90", 132, 989.4, 1978.9, 4096, 4800, 5120, 228 * 1024, 0.5),
+    # NVIDIA A100 Tensor Core GPU Architecture whitepaper: 108 SMs, 312 TF fp16 dense / 624 sparse,
+    # 1024 dense fp16 FMA per SM per clock (2048 flops), L2 read bandwidth 5120 B/clk; A100 80GB
+    # SXM datasheet: 2,039 GB/s; 164 KB shared memory per SM (CUDA Programming Guide, cc 8.0).
+    "A100": GPU("A100 SXM 80GB", "sm_80", 108, 312.0, 624.0, 2048, 2039, 5120, 164 * 1024, 0.5),
+}
+
+SHAPES = {
+    "LLaMA-7B": [(4096, 4096), (11008, 4096), (4096, 11008)],  # (R = out, K = in): q/k/v/o, gate/up, down
+    "DeiT-base": [(768, 768), (3072, 768), (768, 3072), (2304, 768)],  # proj, fc1, fc2, fused qkv
+}
+TOKENS = [1, 16, 128, 2048, 8192]
+PATTERNS = ["2:4", "64:2:8", "64:2:5", "128:2:8"]
+
+# ---- the kernels the dispatcher picks (update with the kernels) -------------------------------------
+# (path, x) -> (kernel name in the SASS report, which of its steady-state rows, CTA rows BM, CTA
+# tokens BN). "fewest"/"most": the row with the fewest / most instructions, where a kernel picks its
+# x path at run time inside the loop (today: contiguous = fewest, gathered = most).
+DECODE_MAX_TOKENS = 32
+KERNELS = {
+    ("decode", "contiguous"): ("spmm_decode_kernel<F16>", "fewest", 16, 32),
+    ("decode", "gathered"): ("spmm_decode_kernel<F16>", "most", 16, 32),
+    ("tiled64", "contiguous"): ("spmm_tiled_kernel<F16,TileShape<2,4,2,4,3>>", "fewest", 64, 128),
+    ("tiled64", "gathered"): ("spmm_tiled_kernel<F16,TileShape<2,4,2,4,3>>", "most", 64, 128),
+    ("tiled32", "gathered"): ("spmm_tiled_kernel<F16,TileShape<2,4,1,4,3>>", "most", 32, 128),
+    ("tiled16", "gathered"): ("spmm_tiled_kernel<F16,TileShape<1,4,1,4,3>>", "most", 16, 128),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    text: str
+    V: Optional[int]
+    M: int
+
+    @staticmethod
+    def parse(text: str) -> "Pattern":
+        parts = [int(p) for p in text.split(":")]
+        if len(parts) == 2:
+            return Pattern(text, None, parts[1])
+        return Pattern(text, parts[0], parts[2])
+
+    @property
+    def row_block(self) -> int:
+        return self.V or 16
+
+
+def packed_bytes(p: Pattern, R: int, K: int) -> Dict[str, int]:
+    """Sizes of the packed arrays (cpp/include/vnm/sp_layout.h, PackedGeom), fp16 values."""
+    Rp = math.ceil(R / p.row_block) * p.row_block
+    G = math.ceil(K / p.M)
+    KS = math.ceil(G / 8)
+    MT = Rp // 16
+    KB = 1 if p.M == 4 else Rp // p.row_block
+    return {"Rp": Rp, "KS": KS, "MT": MT,
+            "values": MT * KS * 32 * 8 * 2, "meta": MT * KS * 16 * 4, "kidx": KB * KS * 8 * 4 * 4}
+
+
+def pick_kernel(p: Pattern, N: int) -> Tuple[str, str]:
+    x = "contiguous" if p.M == 4 else "gathered"
+    if N <= DECODE_MAX_TOKENS:
+        return "decode", x
+    if p.M == 4 or p.row_block % 64 == 0:
+        return "tiled64", x
+    return ("tiled32" if p.row_block % 32 == 0 else "tiled16"), x
+
+
+@dataclasses.dataclass
+class KernelCounts:
+    """What the roofline takes from the SASS report for one kernel and x path."""
+    kernel: str
+    non_mma_per_mma: float
+    wavefronts_per_mma: float
+    load_bytes_in_flight_per_warp: float
+    resident_warps_per_sm: int
+
+
+def resident_warps(rec: dict, gpu: GPU) -> int:
+    r = rec["resources"]
+    threads = r["threads"] or 256
+    regs = max(1, math.ceil(r["registers"] / 8) * 8)  # allocated in 8-register steps per thread
+    by_regs = REGS_PER_SM // (regs * threads)
+    by_smem = gpu.smem_per_sm // r["smem"] if r["smem"] else MAX_CTAS_PER_SM
+    by_threads = MAX_THREADS_PER_SM // threads
+    return max(0, min(by_regs, by_smem, by_threads, MAX_CTAS_PER_SM)) * threads // 32
+
+
+def counts_from_report(records: List[dict], gpu: GPU, kernel: str, which: str) -> KernelCounts:
+    recs = [r for r in records if r["kernel"] == kernel and r["arch"] == gpu.arch]
+    if not recs:
+        raise SystemExit(f"roofline: no kernel {kernel!r} for {gpu.arch} in the SASS report; update "
+                         f"KERNELS in bench/roofline.py to the kernels cuda/ now has")
+    rec = recs[0]
+    rows = [p for loop in rec["loops"] for p in loop]
+    row = (min if which == "fewest" else max)(rows, key=lambda p: p["instructions"])
+    per_iter = 0.0
+    for op, n in row["global_ops"].items():
+        base, bits = op.split(".")
+        if base.startswith("LD"):  # loads (LDG, LDGSTS, LD); cp.async groups stay in flight longer
+            depth = row["cp_async_groups_in_flight"] if base == "LDGSTS" and row["cp_async_groups_in_flight"] else 1
+            per_iter += n * 32 * int(bits) / 8 * depth
+    return KernelCounts(kernel, row["non_mma_per_mma"], row["wavefronts_per_mma"], per_iter,
+                        resident_warps(rec, gpu))
+
+
+@dataclasses.dataclass
+class Bound:
+    gpu: str
+    shape: str
+    R: int
+    K: int
+    N: int
+    pattern: str
+    kernel: str
+    limits_us: Dict[str, float]
+    dense_us: float
+    format_ceiling: float  # speedup allowed by the format alone (tensor and DRAM limits)
+
+    @property
+    def sparse_us(self) -> float:
+        return max(self.limits_us.values())
+
+    @property
+    def binding(self) -> str:
+        return max(self.limits_us, key=self.limits_us.get)
+
+    @property
+    def ceiling(self) -> float:
+        return self.dense_us / self.sparse_us
+
+
+def dense_us(gpu: GPU, R: int, K: int, N: int) -> float:
+    flops = 2 * R * K * N
+    bytes_ = 2 * (R * K + K * N + R * N)
+    return max(flops / (gpu.dense_tflops * 1e12), bytes_ / (gpu.dram_gbs * 1e9)) * 1e6
+
+
+def bound(gpu: GPU, p: Pattern, R: int, K: int, N: int, c: KernelCounts, bm: int, bn: int,
+          shape: str = "", kernel: str = "") -> Bound:
+    g = packed_bytes(p, R, K)
+    n_mma = g["MT"] * g["KS"] * math.ceil(N / 8)
+    clk = gpu.clock_hz
+    weights = g["values"] + g["meta"] + g["kidx"]
+    x_bytes, y_bytes = 2 * N * K, 2 * N * R
+    dram = weights + x_bytes + y_bytes
+    l2 = weights * math.ceil(N / bn) + x_bytes * math.ceil(g["Rp"] / bm) + y_bytes
+    # Of the bytes a warp has in flight, the share that comes from DRAM (the rest hits L2): at most
+    # DRAM bytes / L2 bytes of the tiling (both counted optimistically above).
+    in_flight_per_sm = c.resident_warps_per_sm * c.load_bytes_in_flight_per_warp * min(1.0, dram / l2)
+    latency_bw = gpu.sms * in_flight_per_sm / (gpu.dram_latency_us * 1e-6)
+    limits = {
+        "tensor": n_mma * 2 * 16 * 8 * 32 / (gpu.sparse_tflops * 1e12),
+        "issue": n_mma * (1 + c.non_mma_per_mma) / (gpu.sms * ISSUE_PER_CLK_PER_SM * clk),
+        "L1": n_mma * c.wavefronts_per_mma / (gpu.sms * WAVEFRONTS_PER_CLK_PER_SM * clk),
+        "L2": l2 / (gpu.l2_gbs * 1e9),
+        "DRAM": dram / (gpu.dram_gbs * 1e9),
+        "latency": dram / latency_bw if latency_bw > 0 else math.inf,
+    }
+    limits = {k: v * 1e6 for k, v in limits.items()}
+    d = dense_us(gpu, R, K, N)
+    return Bound(gpu.name, shape, R, K, N, p.text, kernel or c.kernel, limits, d,
+                 d / max(limits["tensor"], limits["DRAM"]))
+
+
+def _sass_report_module():
+    spec = importlib.util.spec_from_file_location("sass_report", ROOT / "bench" / "sass_report.py")
+    sr = importlib.util.module_from_spec(spec)
+    sys.modules["sass_report"] = sr
+    spec.loader.exec_module(sr)
+    return sr
+
+
+def load_sass_report(path: Optional[Path]) -> List[dict]:
+    if path:
+        return json.loads(Path(path).read_text())
+    sr = _sass_report_module()
+    return sr.to_json(sr.run(with_anchor=False, progress=False))
+
+
+def section(gpus: Sequence[str], argv: Sequence[str]) -> str:
+    """The 'Static kernel report' section of bench/RESULTS.md: SASS table with the CUTLASS anchor
+    and the roofline bound, stamped with date, commit and the command."""
+    import datetime
+    import subprocess
+    sr = _sass_report_module()
+    reports = sr.run(progress=False)
+    records = sr.to_json(reports)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.strip()
+    nvcc = sr._nvcc_version(sr.find_nvcc())
+    bounds = all_bounds(records, gpus)
+    gate = [f"{k.kernel} [{k.arch}]: {v}" for k in reports if not k.anchor for v in k.violations()]
+    out = [
+        "## Static kernel report",
+        "",
+        f"{datetime.date.today().isoformat()}, commit {commit}{' (with uncommitted changes)' if dirty else ''}, "
+        f"{nvcc}, no GPU: counted from the compiled code. Command:",
+        "",
+        "```bash",
+        "python bench/roofline.py " + " ".join(argv),
+        "```",
+        "",
+        "### SASS, per kernel instantiation, next to the CUTLASS anchor",
+        "",
+        "Counting rules: `bench/sass_report.py` docstring (steady-state path of each main loop; one "
+        "row per x path chosen at run time inside the loop; wavefronts assume conflict-free, "
+        "coalesced accesses). MMA = `HMMA.SP` m16n8k32 per warp per loop iteration.",
+        "",
+        sr.table(reports),
+        "",
+        f"SASS gate (`python bench/sass_report.py --check`): "
+        + ("passes." if not gate else f"{len(gate)} violations:"),
+    ]
+    out += [f"- {g}" for g in gate]
+    out += ["", "### Roofline: an upper bound, not a measurement", "",
+            "Limits and every assumption: `bench/roofline.py` docstring. Per-MMA instruction and "
+            "wavefront counts come from the SASS report above (fp16 kernels, sm_90 for H100/H200, "
+            "sm_80 for A100).", table(bounds)]
+    return "\n".join(out)
+
+
+def all_bounds(records: List[dict], gpus: Sequence[str]) -> List[Bound]:
+    out = []
+    for gname in gpus:
+        gpu = GPUS[gname]
+        for shape, dims in SHAPES.items():
+            for R, K in dims:
+                for N in TOKENS:
+                    for ptext in PATTERNS:
+                        p = Pattern.parse(ptext)
+                        path, x = pick_kernel(p, N)
+                        kernel, which, bm, bn = KERNELS[(path, x)]
+                        c = counts_from_report(records, gpu, kernel, which)
+                        out.append(bound(gpu, p, R, K, N, c, bm, bn, shape, f"{path} ({x} x)"))
+    return out
+
+
+def table(bounds: List[Bound]) -> str:
+    lines = []
+    for gname in dict.fromkeys(b.gpu for b in bounds):
+        lines.append(f"\n**{gname}: speedup CEILING vs dense fp16 at peak (an upper bound, not a "
+                     f"measurement), binding limit; format alone allows the second figure**\n")
+        pats = list(dict.fromkeys(b.pattern for b in bounds))
+        lines.append("| shape | R x K | N | " + " | ".join(f"{p} ceiling (bound by) / format" for p in pats) + " |")
+        lines.append("|---|---|---|" + "---|" * len(pats))
+        rows: Dict[Tuple, Dict[str, Bound]] = {}
+        for b in bounds:
+            if b.gpu == gname:
+                rows.setdefault((b.shape, b.R, b.K, b.N), {})[b.pattern] = b
+        for (shape, R, K, N), per in rows.items():
+            cells = [f"{per[p].ceiling:.2f}x ({per[p].binding}) / {per[p].format_ceiling:.2f}x" for p in pats]
+            lines.append(f"| {shape} | {R}x{K} | {N} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpu", action="append", choices=sorted(GPUS), help="repeatable; default all")
+    ap.add_argument("--report", type=Path, help="a sass_report.py --json file (default: run it, cached)")
+    ap.add_argument("--json", metavar="PATH", help="also write every bound with its limits as JSON")
+    ap.add_argument("--section", action="store_true",
+                    help="print the 'Static kernel report' section of bench/RESULTS.md (SASS table "
+                         "with the CUTLASS anchor, gate, roofline)")
+    a = ap.parse_args(argv)
+    if a.section:
+        print(section(a.gpu or ["H100"], list(argv if argv is not None else sys.argv[1:])))
+        return 0
+    records = load_sass_report(a.report)
+    bounds = all_bounds(records, a.gpu or ["H100", "H200", "A100"])
+    print("Roofline BOUND (upper bound on speed; see bench/roofline.py for every assumption)")
+    print(table(bounds))
+    if a.json:
+        Path(a.json).write_text(json.dumps(
+            [dict(dataclasses.asdict(b), sparse_us=b.sparse_us, binding=b.binding, ceiling=b.ceiling,
+                  note="upper bound, not a measurement") for b in bounds], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

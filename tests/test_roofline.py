@@ -1,0 +1,80 @@
+"""bench/roofline.py: the arithmetic of the bound on a case small enough to check by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("roofline", ROOT / "bench" / "roofline.py")
+rl = importlib.util.module_from_spec(_spec)
+sys.modules["roofline"] = rl
+_spec.loader.exec_module(rl)
+
+# One SM at 1 GHz (4096 flops/clk -> 4.096 TF dense, 8.192 sparse), 100 GB/s DRAM, L2 1000 B/clk
+# (1000 GB/s), 1 us DRAM latency.
+TOY = rl.GPU("toy", "sm_80", sms=1, dense_tflops=4.096, sparse_tflops=8.192, flops_per_clk_per_sm=4096,
+             dram_gbs=100, l2_bytes_per_clk=1000, smem_per_sm=164 * 1024, dram_latency_us=1.0)
+
+
+def test_bound_by_hand():
+    # 2:4, R=16, K=32, N=8: one row tile, one k-step, one n8 tile -> exactly one sparse MMA.
+    p = rl.Pattern.parse("2:4")
+    g = rl.packed_bytes(p, 16, 32)
+    # values 1 tile x 1 k-step x 32 lanes x 8 x 2 B; meta 16 words x 4 B; kidx 1 block x 8 groups x 4 x 4 B
+    assert (g["values"], g["meta"], g["kidx"]) == (512, 64, 128)
+    c = rl.KernelCounts("k", non_mma_per_mma=3.0, wavefronts_per_mma=2.0,
+                        load_bytes_in_flight_per_warp=1000.0, resident_warps_per_sm=8)
+    b = rl.bound(TOY, p, 16, 32, 8, c, bm=16, bn=32)
+    dram = 512 + 64 + 128 + 2 * 8 * 32 + 2 * 8 * 16  # weights, x, y: 1472 B
+    ns = {k: v * 1e3 for k, v in b.limits_us.items()}
+    assert ns["tensor"] == pytest.approx(2 * 16 * 8 * 32 / 8.192e12 * 1e9)  # 1 ns
+    assert ns["issue"] == pytest.approx(1.0)  # (1 + 3) instructions / 4 per clock at 1 GHz
+    assert ns["L1"] == pytest.approx(2.0)  # 2 wavefronts, one per clock
+    assert ns["L2"] == pytest.approx(dram / 1000)  # every byte once (one CTA), 1000 B/ns
+    assert ns["DRAM"] == pytest.approx(dram / 100)  # 14.72 ns
+    # Little's law: 8 warps x 1000 B in flight (all of it DRAM traffic here) per 1 us = 8 GB/s
+    assert ns["latency"] == pytest.approx(dram / 8.0)  # 184 ns
+    assert b.binding == "latency"
+    dense_ns = max(2 * 16 * 32 * 8 / 4.096e12, 2 * (16 * 32 + 32 * 8 + 16 * 8) / 100e9) * 1e9  # 17.92 ns
+    assert b.dense_us * 1e3 == pytest.approx(dense_ns)
+    assert b.ceiling == pytest.approx(dense_ns / (dram / 8.0))
+    assert b.format_ceiling == pytest.approx(dense_ns / (dram / 100))
+
+
+def test_counts_from_a_report_record():
+    rec = {"kernel": "k<F16>", "arch": "sm_80",
+           "resources": {"registers": 100, "smem": 20000, "threads": 256},
+           "loops": [[
+               {"instructions": 50, "non_mma_per_mma": 5.0, "wavefronts_per_mma": 2.0,
+                "global_ops": {"LDGSTS.128": 1, "LDG.32": 2}, "cp_async_groups_in_flight": 2},
+               {"instructions": 90, "non_mma_per_mma": 9.0, "wavefronts_per_mma": 3.0,
+                "global_ops": {"LDG.16": 4}, "cp_async_groups_in_flight": 0},
+           ]]}
+    c = rl.counts_from_report([rec], rl.GPUS["A100"], "k<F16>", "fewest")
+    # 100 registers -> 104 allocated; 65536 / (104 x 256) = 2 CTAs of 8 warps
+    assert c.resident_warps_per_sm == 16
+    # cp.async: 512 B per warp, 2 groups in flight; two 32-bit loads: 128 B each
+    assert c.load_bytes_in_flight_per_warp == 512 * 2 + 2 * 128
+    assert c.non_mma_per_mma == 5.0
+    assert rl.counts_from_report([rec], rl.GPUS["A100"], "k<F16>", "most").non_mma_per_mma == 9.0
+    with pytest.raises(SystemExit, match="update KERNELS"):
+        rl.counts_from_report([rec], rl.GPUS["H100"], "k<F16>", "most")
+
+
+def test_the_dispatch_the_roofline_assumes():
+    P = rl.Pattern.parse
+    assert rl.pick_kernel(P("2:4"), 1) == ("decode", "contiguous")
+    assert rl.pick_kernel(P("64:2:8"), 32) == ("decode", "gathered")
+    assert rl.pick_kernel(P("64:2:8"), 33) == ("tiled64", "gathered")
+    assert rl.pick_kernel(P("2:4"), 2048) == ("tiled64", "contiguous")
+    assert rl.pick_kernel(P("32:2:5"), 512) == ("tiled32", "gathered")
+    assert rl.pick_kernel(P("48:2:8"), 512) == ("tiled16", "gathered")
+
+
+def test_the_clock_follows_the_datasheet_peak():
+    assert rl.GPUS["A100"].clock_hz == pytest.approx(1.41e9, rel=1e-2)  # A100 boost clock 1410 MHz
+    assert rl.GPUS["H100"].clock_hz == pytest.approx(1.83e9, rel=1e-2)
