@@ -28,7 +28,6 @@ _spec.loader.exec_module(sr)
 # (kernel template, violation kind) the gate reports today, each to be removed by the rebuild
 # that fixes it (issue 13: the x gather of both kernels loads one 16-bit element at a time).
 KNOWN_GATE_FAILURES = {
-    ("spmm_decode_kernel", "narrow global load in main loop"),
     ("spmm_tiled_kernel", "narrow global load in main loop"),
 }
 
