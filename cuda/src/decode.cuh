@@ -23,6 +23,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 
 #include "common.cuh"
 #include "launch.h"
@@ -281,14 +282,26 @@ __global__ void __launch_bounds__(256) decode_reduce_kernel(const KernelArgs a, 
   }
 }
 
+constexpr int kMaxDevices = 64;  // devices whose opt-in is remembered (others opt in every launch)
+
 template <class T, int NT>
 cudaError_t launch_decode_nt(const KernelArgs& a, const sp::DecodePlan& d, const DecodeArgs& da,
                              cudaStream_t stream) {
   const size_t smem = size_t(d.smem_bytes());
-  if (smem > 48 * 1024) {  // beyond the default dynamic shared-memory limit: opt in
-    const cudaError_t e = cudaFuncSetAttribute(
-        spmm_decode_kernel<T, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (smem > 48 * 1024) {
+    // Beyond the default dynamic shared-memory limit: opt in, once per device and instantiation,
+    // for the largest plan (so a later launch, e.g. inside CUDA-graph capture, needs no call).
+    static std::atomic<bool> opted_in[kMaxDevices];
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return e;
+    if (dev >= kMaxDevices || !opted_in[dev].load(std::memory_order_acquire)) {
+      const int most = int(sp::DecodePlan{}.pipe_bytes()) + sp::kDecodeMaxBBytes;
+      e = cudaFuncSetAttribute(spmm_decode_kernel<T, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               std::max(most, int(smem)));
+      if (e != cudaSuccess) return e;
+      if (dev < kMaxDevices) opted_in[dev].store(true, std::memory_order_release);
+    }
   }
   const dim3 grid(unsigned(d.row_ctas), unsigned(d.splits), unsigned(d.token_ctas));
   spmm_decode_kernel<T, NT><<<grid, sp::kDecodeThreads, smem, stream>>>(a, da);
