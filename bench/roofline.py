@@ -110,8 +110,7 @@ PATTERNS = ["2:4", "64:2:8", "64:2:5", "128:2:8"]
 # x path at run time inside the loop (today: contiguous = fewest, gathered = most).
 DECODE_MAX_TOKENS = 32
 KERNELS = {
-    ("decode", "contiguous"): ("spmm_decode_kernel<F16>", "fewest", 16, 32),
-    ("decode", "gathered"): ("spmm_decode_kernel<F16>", "most", 16, 32),
+    # decode: see decode_kernel (the instantiation and the CTA's rows depend on N and V)
     ("tiled128", "contiguous"): ("spmm_tiled_kernel<F16,TileShape<4,8,2,2,3,2>,false>", "most", 128, 128),
     ("tiled128", "gathered"): ("spmm_tiled_kernel<F16,TileShape<4,8,2,2,3,2>,true>", "most", 128, 128),
     ("tiled64", "gathered"): ("spmm_tiled_kernel<F16,TileShape<4,8,1,4,3,2>,true>", "most", 64, 256),
@@ -127,6 +126,21 @@ DYNAMIC_SMEM = {
     KERNELS[("tiled32", "gathered")][0]: 3 * 2 * (2 * 576 + 32 * 256 * 2),
     KERNELS[("tiled16", "gathered")][0]: 3 * 2 * (1 * 576 + 32 * 256 * 2),
 }
+
+
+# The decode kernel (cuda/src/decode.cuh, plan sp::decode_plan): one instantiation per n8 token
+# tiles (NT = 1, 2, 4 for N <= 8, 16, 32), a CTA of 4 warps over 16 * wt rows that share a kidx
+# block (wt = 4 when V % 64 == 0 or M == 4, 2 when V % 32 == 0, else 1), x gathered once per CTA
+# (read once per CTA row: BM = 16 wt). One main-loop iteration is a round of its 4 pipeline stages
+# (4 cp.async groups), so the report's "loads per iteration x groups in flight" is 4x what a warp
+# keeps in flight (3 stages x 2 k-steps x 640 B): DECODE_GROUPS_PER_ITERATION divides it back.
+DECODE_GROUPS_PER_ITERATION = 4
+
+
+def decode_kernel(p: "Pattern", N: int) -> Tuple[str, str, int, int]:
+    nt = 1 if N <= 8 else 2 if N <= 16 else 4
+    wt = 4 if (p.M == 4 or p.row_block % 64 == 0) else 2 if p.row_block % 32 == 0 else 1
+    return f"spmm_decode_kernel<F16,{nt}>", "most", 16 * wt, 8 * nt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,8 +350,13 @@ def all_bounds(records: List[dict], gpus: Sequence[str]) -> List[Bound]:
                     for ptext in PATTERNS:
                         p = Pattern.parse(ptext)
                         path, x = pick_kernel(p, N)
-                        kernel, which, bm, bn = KERNELS[(path, x)]
-                        c = counts_from_report(records, gpu, kernel, which)
+                        if path == "decode":
+                            kernel, which, bm, bn = decode_kernel(p, N)
+                            c = counts_from_report(records, gpu, kernel, which)
+                            c.load_bytes_in_flight_per_warp /= DECODE_GROUPS_PER_ITERATION
+                        else:
+                            kernel, which, bm, bn = KERNELS[(path, x)]
+                            c = counts_from_report(records, gpu, kernel, which)
                         out.append(bound(gpu, p, R, K, N, c, bm, bn, shape, f"{path} ({x} x)"))
     return out
 

@@ -57,12 +57,13 @@ def _reference(x, w, mask, perm, bias, rows=None):
     return y if bias is None else y + bias.detach().cpu().double()
 
 
-def _run(p: cuda_ops.PackedVNM, x, bias, path=0, force_gather=False):
+def _run(p: cuda_ops.PackedVNM, x, bias, path=0, force_gather=False, decode_splits=0):
     """The kernel into a NaN-poisoned output (every element must be written)."""
     R, K = p.shape
     y = torch.full((x.shape[0], R), float("nan"), dtype=x.dtype, device=x.device)
     cuda_ops._spmm_packed_into(x, p.values, p.meta, p.kidx, bias, p.pattern_text, R, K,
-                               p.has_perm, y, path=path, force_gather=force_gather, rows=p.rows)
+                               p.has_perm, y, path=path, force_gather=force_gather, rows=p.rows,
+                               decode_splits=decode_splits)
     torch.cuda.synchronize()
     assert bool(torch.isfinite(y).all()), "the kernel left output elements unwritten"
     return y
@@ -132,6 +133,63 @@ def test_gpu_equals_cpu_emulation_bit_for_bit_on_integers(pattern, gen):
             assert torch.equal(y_gpu, _reference(x, w, mask, perm, None, t.row_perm).to(dtype))
 
 
+# The decode kernel (N <= 32) on the grid its CPU emulation covers (tests/test_mma_model.py):
+# every M, R < V, R = V and R not a multiple of V, odd K, N in {1, 7, 16, 32}, perm and row_perm,
+# its own k split and forced ones (1: direct store; 3: workspace and reduction pass).
+DECODE_VR = [(16, 13), (16, 16), (32, 32), (32, 75), (48, 40), (48, 100), (64, 40), (64, 64),
+             (64, 150), (128, 200)]
+
+
+@pytest.mark.parametrize("V,R", DECODE_VR)
+@pytest.mark.parametrize("M", MS)
+def test_decode_kernel_equals_cpu_emulation_bit_for_bit(V, R, M, gen):
+    """Integer data: the decode kernel's output equals its CPU emulation bit for bit (same
+    gather, same k split, same reduction order) and the exact result rounded once."""
+    pattern = _pattern(V, M) if M > 4 or V > 16 else "2:4"
+    K = 333 if M % 2 else 517
+    for dtype in (torch.float16, torch.bfloat16):
+        t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=True, integer=True, rows=True)
+        p = cuda_ops.pack(t)
+        pc = p.to("cpu")
+        for N in (1, 7, 16, 32):
+            x = torch.randint(-3, 4, (N, K), generator=gen).to(dtype)
+            ref = _reference(x, w, mask, perm, None, t.row_perm).to(dtype)
+            for splits in (0, 1, 3):
+                y_gpu = _run(p, x.to(DEV), None, path=1, decode_splits=splits).cpu()
+                y_cpu = torch.full((N, R), float("nan"), dtype=dtype)
+                err = _C._emulate_spmm(t.pattern, R, K, CODES[dtype], pc.values.view(torch.int16),
+                                       pc.meta, pc.kidx, pc.rows, x.view(torch.int16), N, None,
+                                       y_cpu.view(torch.int16), 1, False, splits)
+                assert err == ""
+                assert torch.equal(y_gpu, y_cpu), (dtype, N, splits)
+                assert torch.equal(y_gpu, ref), (dtype, N, splits)
+
+
+def test_decode_split_k_is_deterministic_and_its_workspace_checked(gen):
+    """Same bits on every run (no atomics); the workspace the C++ entry allocates itself on the
+    stream (None) gives the same result as the torch one; a too small one is refused."""
+    R, K, N = 4096, 4096, 16
+    t, w, mask, perm = _make("64:2:8", R, K, torch.float16, gen, perm=True, rows=True)
+    p = cuda_ops.pack(t)
+    assert _C._decode_plan(t.pattern, R, K, N)["splits"] > 1
+    x = torch.randn(N, K, generator=gen).half().to(DEV)
+    runs = [_run(p, x, None) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert rel_err(runs[0].cpu(), _reference(x, w, mask, perm, None, t.row_perm)) < 1e-2
+    stream = torch.cuda.current_stream().cuda_stream
+    dl = cuda_ops._dl
+    y = torch.full((N, R), float("nan"), dtype=torch.float16, device=DEV)
+    _C.cuda_spmm(t.pattern, R, K, 1, dl(p.values), dl(p.meta), dl(p.kidx), True, dl(p.rows), dl(x),
+                 N, None, dl(y), x.device.index, stream, 0, False, workspace=None, decode_splits=0)
+    torch.cuda.synchronize()
+    assert torch.equal(y, runs[0])
+    small = torch.empty(10, dtype=torch.float32, device=DEV)
+    with pytest.raises(ValueError, match="workspace holds 10 floats but .* are needed"):
+        _C.cuda_spmm(t.pattern, R, K, 1, dl(p.values), dl(p.meta), dl(p.kidx), True, dl(p.rows),
+                     dl(x), N, None, dl(y), x.device.index, stream, 0, False, workspace=dl(small),
+                     decode_splits=0)
+
+
 def test_large_layer_against_dense_matmul(gen):
     """LLaMA-7B MLP shape, decode and prefill token counts, fp16 64:2:8 vs fp32 dense on GPU."""
     R, K = 11008, 4096
@@ -173,10 +231,11 @@ def test_spmm_caches_the_packed_form_and_backward_works(gen):
     assert rel_err(b.grad.cpu(), go.cpu().double().sum(0)) < 1e-2
 
 
-def test_cuda_graph_capture_on_a_side_stream(gen):
+@pytest.mark.parametrize("N", [8, 40])  # decode (split-K workspace from the graph's pool), tiled
+def test_cuda_graph_capture_on_a_side_stream(N, gen):
     t, w, mask, perm = _make("64:2:8", 256, 512, torch.float16, gen, perm=True, rows=True)
     bias = torch.randn(256, generator=gen).half().to(DEV)
-    x_static = torch.randn(40, 512, generator=gen).half().to(DEV)
+    x_static = torch.randn(N, 512, generator=gen).half().to(DEV)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -187,7 +246,7 @@ def test_cuda_graph_capture_on_a_side_stream(gen):
     with torch.cuda.graph(graph, stream=side):
         y_static = vnm.spmm(t, x_static, bias)
     for _ in range(3):
-        x_new = torch.randn(40, 512, generator=gen).half()
+        x_new = torch.randn(N, 512, generator=gen).half()
         x_static.copy_(x_new.to(DEV))
         y_static.fill_(float("nan"))
         graph.replay()

@@ -191,14 +191,14 @@ def _make(pattern, R, K, dtype, gen, perm=False, integer=False, rows=False):
     return VNMTensor.from_dense(w, mask, pattern, perm=pm, row_perm=rp), w, mask, pm
 
 
-def _emulate(p: cuda_ops.PackedVNM, x, bias, path, contiguous_b=False):
+def _emulate(p: cuda_ops.PackedVNM, x, bias, path, contiguous_b=False, decode_splits=0):
     R, K = p.shape
     n = x.shape[0]
     y = torch.full((n, R), float("nan"), dtype=x.dtype)  # poison: every element must be written
     err = _C._emulate_spmm(
         p.pattern, R, K, CODES[x.dtype], p.values.view(torch.int16), p.meta, p.kidx, p.rows,
         x.view(torch.int16), n, None if bias is None else bias.view(torch.int16),
-        y.view(torch.int16), path, contiguous_b,
+        y.view(torch.int16), path, contiguous_b, decode_splits,
     )
     assert err == ""
     return y
@@ -347,6 +347,104 @@ def test_emulated_tiled_kernel_refuses_contiguous_b_for_m_above_4(gen):
     err = _C._emulate_spmm(p.pattern, 64, 256, CODES[x.dtype], p.values.view(torch.int16), p.meta,
                            p.kidx, None, x.view(torch.int16), 40, None, y.view(torch.int16), 2, True)
     assert "M == 4" in err
+# ---- 3b. the decode kernel (N <= 32): its gather, k split and reductions --------------------
+
+# (V, R): R < V, R = V and R not a multiple of V (a partial last block) for each V; V = 16, 32 and
+# 48 put fewer than 4 row tiles in a CTA (warps split k inside it), V = 64 and 128 four.
+DECODE_VR = [(16, 13), (16, 16), (32, 32), (32, 75), (48, 40), (48, 100), (64, 40), (64, 64),
+             (64, 150), (128, 200)]
+DECODE_M = [4, 5, 8, 16, 32]
+DECODE_N = [1, 7, 16, 32]
+
+
+def _decode_cases():
+    """Every M with every (V, R) and every N over the grid, K odd and varied so that the k-steps
+    fall into whole stages, a partial stage, a partial split and padding past K."""
+    cases = []
+    for i, (V, R) in enumerate(DECODE_VR):
+        for j, M in enumerate(DECODE_M):
+            K = [333, 517, 129, 1001, 75][(i + j) % 5]
+            N = DECODE_N[(i + 2 * j) % 4]
+            cases.append((f"{V}:2:{M}" if M > 4 or V > 16 else "2:4", R, K, N))
+    return cases
+
+
+DECODE_CASES = _decode_cases()
+
+
+@pytest.mark.parametrize("pattern,R,K,N", DECODE_CASES)
+def test_emulated_decode_kernel_is_exact_on_integers(pattern, R, K, N, gen):
+    """Small integers make every sum exact: the decode kernel's emulation (gather into B-fragment
+    order, per-warp k-ranges, in-CTA and cross-CTA reductions) equals the float64 reference
+    rounded once, bit for bit, with perm and row_perm, for its own split and forced ones."""
+    dtype = torch.float16 if (R + K) % 2 else torch.bfloat16
+    extras = (R + N) % 2 == 0
+    t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=extras, integer=True, rows=extras)
+    p = cuda_ops.pack(t)
+    x = torch.randint(-3, 4, (N, K), generator=gen).to(dtype)
+    ref = _reference(x, w, mask, perm, None, t.row_perm).to(dtype)
+    for splits in (0, 1, 3):
+        y = _emulate(p, x, None, 1, decode_splits=splits)
+        assert torch.equal(y, ref), (splits, _C._decode_plan(t.pattern, R, K, N, splits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern,R,K,N", DECODE_CASES[::3])
+def test_emulated_decode_kernel_matches_float64_reference(dtype, pattern, R, K, N, gen):
+    t, w, mask, perm = _make(pattern, R, K, dtype, gen, perm=True, rows=True)
+    p = cuda_ops.pack(t)
+    x = torch.randn(N, K, generator=gen).to(dtype)
+    bias = torch.randn(R, generator=gen).to(dtype)
+    for splits in (0, 2):
+        y = _emulate(p, x, bias, 1, decode_splits=splits)
+        assert bool(torch.isfinite(y).all()), "an output element was not written"
+        assert rel_err(y, _reference(x, w, mask, perm, bias, t.row_perm)) < 1e-2
+
+
+def test_decode_cases_cover_every_branch_of_the_plan():
+    """The cases above reach: one split and several, warps along k (kparts 2 and 4) and not, a
+    last stage with a single k-step, a warp whose k-range is entirely past K, 1, 2 and 4 token
+    tiles, row tiles past the last one (M = 4) and a partial last row block."""
+    seen = set()
+    for pattern, R, K, N in DECODE_CASES:
+        pt = vnm.Pattern.parse(pattern)
+        for splits in (0, 1, 3):
+            d = _C._decode_plan(pt, R, K, N, splits)
+            V, M = cuda_ops._pattern_numbers(pattern)
+            KS = -(-(-(-K // M)) // 8)
+            seen.add(("splits>1", d["splits"] > 1))
+            seen.add(("kparts", d["kparts"]))
+            seen.add(("nt", d["nt"]))
+            for cy in range(d["splits"]):
+                for part in range(d["kparts"]):
+                    ks0 = cy * d["ks_cta"] + part * d["ks_warp"]
+                    n_valid = max(min(d["ks_warp"], KS - ks0), 0)
+                    seen.add(("odd tail", n_valid % 2 == 1))
+                    seen.add(("idle warp", n_valid == 0))
+            MT = -(-R // V) * V // 16
+            seen.add(("tile past MT", d["row_ctas"] * d["wt"] > MT))
+    for want in [("splits>1", True), ("splits>1", False), ("kparts", 1), ("kparts", 2), ("kparts", 4),
+                 ("nt", 1), ("nt", 2), ("nt", 4), ("odd tail", True), ("idle warp", True),
+                 ("tile past MT", True)]:
+        assert want in seen, want
+
+
+def test_decode_plan_for_llama_shapes():
+    """The work split the decode kernel takes on the LLaMA-7B shapes: every SM of an H100 busy
+    (>= 512 CTAs), shared memory within an sm_80 SM's 164 KB for 3 CTAs, the k-range covered
+    exactly once, and the workspace the split needs."""
+    P = vnm.Pattern.parse
+    for R, K in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        for N in (1, 16, 32):
+            d = _C._decode_plan(P("64:2:8"), R, K, N)
+            KS = -(-(K // 8) // 8)
+            assert d["row_ctas"] * d["splits"] * d["token_ctas"] >= 512
+            assert 3 * d["smem_bytes"] <= 164 * 1024
+            assert d["ks_cta"] % (2 * d["kparts"]) == 0 and d["ks_warp"] * d["kparts"] == d["ks_cta"]
+            assert (d["splits"] - 1) * d["ks_cta"] < KS <= d["splits"] * d["ks_cta"]
+            assert d["workspace_floats"] == (d["splits"] * N * R if d["splits"] > 1 else 0)
+            assert _C._spmm_workspace_floats(P("64:2:8"), R, K, N) == d["workspace_floats"]
+    assert _C._spmm_workspace_floats(P("64:2:8"), 4096, 4096, 33) == 0  # the tiled kernel
 
 
 def test_dispatch_plan():

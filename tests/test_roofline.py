@@ -79,3 +79,12 @@ def test_the_dispatch_the_roofline_assumes():
 def test_the_clock_follows_the_datasheet_peak():
     assert rl.GPUS["A100"].clock_hz == pytest.approx(1.41e9, rel=1e-2)  # A100 boost clock 1410 MHz
     assert rl.GPUS["H100"].clock_hz == pytest.approx(1.83e9, rel=1e-2)
+
+
+def test_the_decode_instantiation_and_rows_the_roofline_assumes():
+    """sp::decode_plan: NT token tiles by N, 16 * wt rows per CTA by V (and M == 4)."""
+    P = rl.Pattern.parse
+    assert rl.decode_kernel(P("64:2:8"), 1) == ("spmm_decode_kernel<F16,1>", "most", 64, 8)
+    assert rl.decode_kernel(P("2:4"), 16) == ("spmm_decode_kernel<F16,2>", "most", 64, 16)
+    assert rl.decode_kernel(P("32:2:8"), 17) == ("spmm_decode_kernel<F16,4>", "most", 32, 32)
+    assert rl.decode_kernel(P("48:2:8"), 32) == ("spmm_decode_kernel<F16,4>", "most", 16, 32)

@@ -162,6 +162,8 @@ Plan plan(const SpmmParams& q) {
   out.bm = k.bm;
   out.contiguous_b = k.contiguous_b;
   out.transposed_x = k.transposed_x;
+  if (k.path == sp::Path::decode)
+    out.splits = sp::decode_plan(q.geom, q.n_tokens, q.decode_splits).splits;
   return out;
 }
 
@@ -188,13 +190,23 @@ int spmm(const SpmmParams& q) {
     return fail(kMisaligned, "x, y and bias must be 2-byte aligned, out_rows 4-byte");
   if (q.n_tokens == 0) return kOk;
   const Plan pl = plan(q);
-  const int64_t grid_y = pl.path == int(sp::Path::decode)
-                             ? (q.n_tokens + sp::kDecodeTiles * sp::kTileTokens - 1) /
-                                   (sp::kDecodeTiles * sp::kTileTokens)
-                             : (q.n_tokens + bn_of(pl.bm) - 1) / bn_of(pl.bm);
-  if (grid_y > 65535 || q.geom.MT > 0x7FFFFFFF)
+  const bool decode = pl.path == int(sp::Path::decode);
+  sp::DecodePlan dp;
+  if (decode) dp = sp::decode_plan(q.geom, q.n_tokens, q.decode_splits);
+  const int64_t grid_tokens =
+      decode ? dp.token_ctas : (q.n_tokens + bn_of(pl.bm) - 1) / bn_of(pl.bm);
+  if (grid_tokens > 65535 || q.geom.MT > 0x7FFFFFFF)
     return fail(kInvalidArgument, "too many tokens for one launch (%lld); split the batch",
                 (long long)q.n_tokens);
+  // The decode kernel's 32-bit k-step counters and 16-byte-unit shared offsets.
+  if (decode && (q.geom.KS * sp::kWarp * 8 > 0x7FFFFFFF || dp.smem_bytes() > 227 * 1024))
+    return fail(kInvalidArgument, "K = %lld is too large for the decode kernel", (long long)q.geom.K);
+  const int64_t ws_need = decode ? dp.workspace_floats(q.n_tokens, q.geom.R) : 0;
+  if (q.workspace && q.workspace_floats < ws_need)
+    return fail(kInvalidArgument,
+                "the decode split-K workspace holds %lld floats but %lld are needed; size it with "
+                "sp::spmm_workspace_floats (vnm._C._spmm_workspace_floats)",
+                (long long)q.workspace_floats, (long long)ws_need);
 
   DeviceGuard guard(q.device);
   if (int st = check_device(q.device)) return st;
@@ -215,10 +227,22 @@ int spmm(const SpmmParams& q) {
   a.y = static_cast<uint16_t*>(q.y);
   a.ldy = q.ldy;
   a.contig = pl.contiguous_b ? 1 : 0;
+  // The decode kernel (the tiled one returned above).
   const bool bf = q.dtype == int(DType::bf16);
-  const cudaError_t e =
-      bf ? dev::launch_decode<dev::BF16>(a, stream) : dev::launch_decode<dev::F16>(a, stream);
-  return check_launch(e, "SpMM kernel launch");
+  float* ws = q.workspace;
+  const bool own_ws = ws_need > 0 && !ws;
+  cudaError_t e;
+  if (own_ws) {  // stream-ordered, so graph capture and other streams stay correct
+    e = cudaMallocAsync(reinterpret_cast<void**>(&ws), size_t(ws_need) * sizeof(float), stream);
+    if (e != cudaSuccess) return check_launch(e, "decode split-K workspace allocation");
+  }
+  e = bf ? dev::launch_decode<dev::BF16>(a, dp, ws, stream)
+         : dev::launch_decode<dev::F16>(a, dp, ws, stream);
+  if (own_ws) {
+    const cudaError_t ef = cudaFreeAsync(ws, stream);
+    if (e == cudaSuccess) e = ef;
+  }
+  return check_launch(e, "SpMM decode kernel launch");
 }
 
 // ---- packing (kernels in pack.cu) ------------------------------------------------------------

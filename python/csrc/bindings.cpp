@@ -142,7 +142,8 @@ void bind_cuda(nb::module_& m) {
                         const Cuda& values_p, const Cuda& meta_p, const Cuda& kidx, bool has_perm,
                         const Cuda& out_rows, const Cuda& x, int64_t n_tokens, const Cuda& bias,
                         Cuda y, int device, uintptr_t stream, int path, bool force_gather,
-                        const Cuda& xt, int64_t ldxt) {
+                        const Cuda& xt, int64_t ldxt, const Cuda& workspace,
+                        int64_t decode_splits) {
     vnm::cuda::SpmmParams q;
     q.geom = geom_of(p, R, K);
     q.dtype = dtype;
@@ -175,6 +176,13 @@ void bind_cuda(nb::module_& m) {
       q.xt = cuda_ptr(xt, device, "xt");
       q.ldxt = ldxt;
     }
+    if (workspace.is_valid()) {  // fp32 split-K scratch (sp::spmm_workspace_floats)
+      if (workspace.dtype() != nb::dtype<float>())
+        throw nb::type_error("the decode split-K workspace must be torch.float32");
+      q.workspace = static_cast<float*>(const_cast<void*>(cuda_ptr(workspace, device, "workspace")));
+      q.workspace_floats = int64_t(workspace.size());
+    }
+    q.decode_splits = decode_splits;
     int st;
     {
       nb::gil_scoped_release release;
@@ -184,8 +192,10 @@ void bind_cuda(nb::module_& m) {
   }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "has_perm"_a,
         "out_rows"_a.none(), "x"_a, "n_tokens"_a, "bias"_a.none(), "y"_a, "device"_a, "stream"_a,
         "path"_a = 0, "force_gather"_a = false, "xt"_a.none() = nb::none(), "ldxt"_a = 0,
+        "workspace"_a.none() = nb::none(), "decode_splits"_a = 0,
         "y = x @ W^T (+ bias) on the GPU from the packed arrays; xt: x transposed, K x ldxt, "
-        "where cuda_plan says the kernel needs it.");
+        "where cuda_plan says the kernel needs it; workspace: float32 scratch of "
+        "_spmm_workspace_floats floats (None: allocated on the stream when needed).");
 
   m.def("cuda_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
                         bool has_perm, int path, bool force_gather, bool x_aligned16) {
@@ -506,7 +516,7 @@ NB_MODULE(_C, m) {
   m.def("_emulate_spmm", [](const vnm::Pattern& p, int64_t R, int64_t K, int dtype,
                             const Any& values_p, const Any& meta_p, const Any& kidx,
                             const I32& out_rows, const Any& x, int64_t n_tokens, const Any& bias,
-                            Any y, int path, bool contiguous_b) {
+                            Any y, int path, bool contiguous_b, int64_t decode_splits) {
     const vnm::DType t = to_dtype16(dtype);
     const vnm::sp::PackedGeom g = geom_of(p, R, K);
     expect_packed(g, values_p, meta_p, kidx);
@@ -520,9 +530,9 @@ NB_MODULE(_C, m) {
                                  static_cast<const uint32_t*>(meta_p.data()),
                                  static_cast<const int32_t*>(kidx.data()), rows_ptr, x.data(),
                                  n_tokens, K, bias_ptr, y.data(), R,
-                                 static_cast<vnm::sp::Path>(path), contiguous_b);
+                                 static_cast<vnm::sp::Path>(path), contiguous_b, decode_splits);
   }, "pattern"_a, "R"_a, "K"_a, "dtype"_a, "values_p"_a, "meta_p"_a, "kidx"_a, "out_rows"_a.none(), "x"_a,
-        "n_tokens"_a, "bias"_a.none(), "y"_a, "path"_a, "contiguous_b"_a,
+        "n_tokens"_a, "bias"_a.none(), "y"_a, "path"_a, "contiguous_b"_a, "decode_splits"_a = 0,
         "Runs the CUDA kernel's logic on the CPU (path 0 auto, 1 decode, 2 tiled). Returns '' "
         "or the first problem the model of mma.sp found.");
 
@@ -557,6 +567,32 @@ NB_MODULE(_C, m) {
     d["meta_word_of_lane"] = words;
     return d;
   }, "The fragment maps of vnm/sp_layout.h (test hook).");
+
+  m.def("_decode_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
+                           int64_t decode_splits) {
+    const vnm::sp::DecodePlan d = vnm::sp::decode_plan(geom_of(p, R, K), n_tokens, decode_splits);
+    nb::dict out;
+    out["nt"] = d.nt;
+    out["wt"] = d.wt;
+    out["kparts"] = d.kparts;
+    out["row_ctas"] = d.row_ctas;
+    out["splits"] = d.splits;
+    out["token_ctas"] = d.token_ctas;
+    out["ks_cta"] = d.ks_cta;
+    out["ks_warp"] = d.ks_warp;
+    out["smem_bytes"] = d.smem_bytes();
+    out["workspace_floats"] = d.workspace_floats(n_tokens, R);
+    return out;
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "decode_splits"_a = 0,
+        "The decode kernel's work split (sp::decode_plan): a pure function of the shape.");
+
+  m.def("_spmm_workspace_floats", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
+                                     int path, int64_t decode_splits) {
+    if (path < 0 || path > 2) throw std::invalid_argument("path must be 0, 1 or 2");
+    return vnm::sp::spmm_workspace_floats(geom_of(p, R, K), n_tokens,
+                                          static_cast<vnm::sp::Path>(path), decode_splits);
+  }, "pattern"_a, "R"_a, "K"_a, "n_tokens"_a, "path"_a = 0, "decode_splits"_a = 0,
+        "float32 scratch elements the CUDA SpMM needs (decode split-K partials; 0: none).");
 
   m.def("_dispatch_plan", [](const vnm::Pattern& p, int64_t R, int64_t K, int64_t n_tokens,
                              bool has_perm) {

@@ -230,13 +230,16 @@ def _spmm_packed_into(
     force_gather: bool = False,
     rows: Optional[torch.Tensor] = None,
     xt: Optional[torch.Tensor] = None,
+    decode_splits: int = 0,
 ) -> torch.Tensor:
     """Writes ``x @ W.T (+ bias)`` into ``y`` (n x R, contiguous); with ``rows`` stored row r goes
     to column ``rows[r]`` of y. ``has_perm`` must say whether ``kidx`` was packed with a ``perm``
     (for M = 4 without one the kernel reads x without a gather). ``path`` / ``force_gather`` pick
-    a kernel on CUDA for tests (0 automatic, 1 decode, 2 tiled). ``xt``: ``transpose_x(x)`` when
-    the caller already has it (shared by the layers reading the same x); made here otherwise,
-    where the tiled kernel gathers (N > 32 with M > 4, a perm, or an x it cannot read directly)."""
+    a kernel on CUDA for tests (0 automatic, 1 decode, 2 tiled), ``decode_splits`` the decode
+    kernel's k splits (0: its own choice, a function of the shape only). ``xt``:
+    ``transpose_x(x)`` when the caller already has it (shared by the layers reading the same x);
+    made here otherwise, where the tiled kernel gathers (N > 32 with M > 4, a perm, or an x it
+    cannot read directly)."""
     _require_kernel_dtype(x.dtype, "x")
     _same_device(x.device, values_p=values_p, meta_p=meta_p, kidx=kidx, rows=rows, bias=bias, y=y)
     _check_packed_dtypes(x, values_p, meta_p, kidx, rows, bias, y)
@@ -256,11 +259,15 @@ def _spmm_packed_into(
         if xt is not None and (xt.dtype != x.dtype or xt.device != x.device):
             raise TypeError(f"xt is {xt.dtype} on {xt.device} but x is {x.dtype} on {x.device}; "
                             "pass vnm.cuda_ops.transpose_x(x)")
+        # The decode kernel's split-K partials (fp32), from torch's stream-ordered caching
+        # allocator: no cudaMalloc per call, and CUDA-graph capture takes it from its pool.
+        ws_floats = _C._spmm_workspace_floats(p, R, K, n, path, decode_splits)
+        ws = torch.empty(ws_floats, dtype=torch.float32, device=x.device) if ws_floats else None
         _C.cuda_spmm(
             p, R, K, code, _dl(values_p), _dl(meta_p), _dl(kidx), has_perm,
             _dl(None if rows is None else rows.contiguous()), _dl(x), n, _dl(bias), _dl(y),
             x.device.index, _stream(x.device), path, force_gather,
-            _dl(xt if needs_xt else None), xt.shape[1] if needs_xt else 0,
+            _dl(xt if needs_xt else None), xt.shape[1] if needs_xt else 0, _dl(ws), decode_splits,
         )
     else:
         _C.spmm_packed(

@@ -56,10 +56,14 @@ std::string emulate_tiled(const PackedGeom& p, DType t, const uint16_t* values_p
 // Arguments as vnm::cuda::SpmmParams: x is n_tokens x K (row pitch ldx), y n_tokens x R (row
 // pitch ldy), bias R values or null (output order), out_rows R output rows or null, all 16-bit
 // values of dtype t (f16 or bf16). `contiguous_b` selects the kernel's gather-free B path (valid
-// only for M == 4 without perm, K % 8 == 0). Returns "" or the first problem the model found.
+// only for M == 4 without perm, K % 8 == 0; the decode kernel has a single B path).
+// decode_splits forces the decode kernel's k splits as vnm::cuda::SpmmParams::decode_splits does
+// (0: sp::decode_plan's choice, which depends on the shape only). Returns "" or the first
+// problem the model found.
 std::string emulate_spmm(const PackedGeom& p, DType t, const uint16_t* values_p,
                          const uint32_t* meta_p, const int32_t* kidx, const int32_t* out_rows,
                          const void* x, int64_t n_tokens, int64_t ldx, const void* bias, void* y,
-                         int64_t ldy, Path path, bool contiguous_b);
+                         int64_t ldy, Path path, bool contiguous_b,
+                         int64_t decode_splits = 0);
 
 }  // namespace vnm::sp

@@ -377,12 +377,112 @@ VNM_HD int epi_row(int e) { return 8 * (e % (S::BM / 8)); }
 // 16-byte token chunk lies inside a row; columns past n_tokens are read only for outputs that
 // are never stored.
 inline int64_t transposed_x_pitch(int64_t n_tokens) { return (n_tokens + 7) / 8 * 8; }
+// ---- decode kernel (N <= 32): work split and shared-memory map -----------------------------
+//
+// A decode CTA has kDecodeWarps warps. Its rows share one kidx column block, so the CTA gathers
+// x for its tokens and k-range ONCE into shared memory, already in mma.sp B-fragment order, and
+// every warp reads a B fragment with one 16-byte shared load. The CTA covers `wt` row tiles
+// (warps along rows, wt = 4 when V % 64 == 0 or M == 4, 2 when V % 32 == 0, else 1) and splits
+// its k-range among `kparts` = kDecodeWarps / wt warps along k (reduced in shared memory, in
+// warp order). Across CTAs the k-steps are split `splits` ways (grid.y): each split writes fp32
+// partials to a workspace [splits][N][R] and a second kernel adds them in split order, so the
+// result is deterministic (no atomics) and does not depend on the device: the plan is a pure
+// function of the shape (kDecodeTargetCtas is fixed, not the device's SM count).
+// Weights stream through a kDecodeStages-deep cp.async pipeline per warp (each warp copies and
+// reads only its own stages: no CTA barrier in the main loop), kDecodeStepsPerStage k-steps per
+// stage (the loop is unrolled by that much).
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = kDecodeWarps * kWarp;
+constexpr int kDecodeStages = 4;
+constexpr int kDecodeStepsPerStage = 2;
+// 4 CTAs per SM of a 132-SM H100 (4.9 on a 108-SM A100): each warp keeps up to 3 stages x 2
+// k-steps x 576 B = 3.4 KB of weights in flight, 4 CTAs x 4 warps = 55 KB per SM.
+constexpr int64_t kDecodeTargetCtas = 528;
+constexpr int kDecodeMaxBBytes = 32768;  // gathered B per CTA (bounds its k-range)
+constexpr int64_t kDecodeMinUnits = 2;   // k-range units (kparts x steps per stage) per CTA
+// Per k-step and warp in a pipeline stage: each lane's A fragment (16 B) and its own copy of
+// the metadata word it passes to mma.sp (4 B: lanes read only what they copied, so the main
+// loop needs no warp barrier).
+constexpr int kDecodeStepBytes = kWarp * (16 + 4);
+
+struct DecodePlan {
+  int nt = 0;           // n8 token tiles per CTA: 1, 2 or 4 (N <= 8, 16, larger)
+  int wt = 0;           // row tiles (warps along rows) per CTA: 4, 2 or 1
+  int kparts = 0;       // warps along k per row tile: kDecodeWarps / wt
+  int64_t row_ctas = 0, splits = 0, token_ctas = 0;  // grid x, y, z
+  int64_t ks_cta = 0;   // k-steps per CTA: a multiple of kparts * kDecodeStepsPerStage
+  int64_t ks_warp = 0;  // k-steps per warp: ks_cta / kparts (a multiple of the steps per stage)
+  // Dynamic shared memory: A stages, metadata stages (kDecodeStepBytes a step), then B.
+  VNM_HD int64_t pipe_bytes() const {
+    return int64_t(kDecodeStages) * kDecodeWarps * kDecodeStepsPerStage * (kWarp * (16 + 4));
+  }
+  VNM_HD int64_t b_bytes() const { return ks_cta * nt * kWarp * 16; }
+  VNM_HD int64_t smem_bytes() const { return pipe_bytes() + b_bytes(); }
+  // fp32 partials of the cross-CTA split-K (0 when splits == 1).
+  VNM_HD int64_t workspace_floats(int64_t n_tokens, int64_t R) const {
+    return splits > 1 ? splits * n_tokens * R : 0;
+  }
+};
+
+// splits_override > 0 forces the number of k splits (tests), clamped to what the k-steps and the
+// shared-memory bound allow.
+inline DecodePlan decode_plan(const PackedGeom& p, int64_t n_tokens, int64_t splits_override = 0) {
+  DecodePlan d;
+  d.nt = n_tokens <= kTileTokens ? 1 : n_tokens <= 2 * kTileTokens ? 2 : 4;
+  d.wt = (p.KB == 1 || p.row_block % 64 == 0) ? 4 : p.row_block % 32 == 0 ? 2 : 1;
+  d.kparts = kDecodeWarps / d.wt;
+  d.row_ctas = (p.MT + d.wt - 1) / d.wt;
+  d.token_ctas = (n_tokens + d.nt * kTileTokens - 1) / (d.nt * kTileTokens);
+  const int64_t unit = int64_t(d.kparts) * kDecodeStepsPerStage;
+  const int64_t units_total = (p.KS + unit - 1) / unit;
+  // At least kDecodeMinUnits units per CTA (when K has them): the gather, the barrier and the
+  // partials are paid once per CTA.
+  const int64_t splits_max = (units_total + kDecodeMinUnits - 1) / kDecodeMinUnits;
+  int64_t units_max = kDecodeMaxBBytes / (int64_t(d.nt) * kWarp * 16) / unit;  // per CTA
+  if (units_max < 1) units_max = 1;
+  const int64_t splits_min = (units_total + units_max - 1) / units_max;
+  const int64_t ctas = d.row_ctas * (d.token_ctas > 0 ? d.token_ctas : 1);
+  int64_t splits = splits_override > 0 ? splits_override : (kDecodeTargetCtas + ctas - 1) / ctas;
+  if (splits > splits_max) splits = splits_max;
+  if (splits < splits_min) splits = splits_min;
+  if (splits < 1) splits = 1;
+  const int64_t units_cta = (units_total + splits - 1) / splits;
+  d.ks_cta = units_cta * unit;
+  d.splits = (units_total + units_cta - 1) / units_cta;  // no empty split
+  d.ks_warp = d.ks_cta / d.kparts;
+  return d;
+}
+
+// Shared memory of a decode CTA, byte offsets (the kernel and its CPU emulation address it only
+// through these): the A stages, the metadata stages, then the gathered B; after the main loop the
+// start of it is reused for the reduction along k.
+constexpr int kDecodeAStageBytes = kDecodeWarps * kDecodeStepsPerStage * kWarp * 16;
+constexpr int kDecodeMetaBase = kDecodeStages * kDecodeAStageBytes;
+constexpr int kDecodePipeBytes = kDecodeStages * kDecodeWarps * kDecodeStepsPerStage * kDecodeStepBytes;
+// Lane `lane`'s 16-byte A fragment of k-step `step` of pipeline slot `stage`, for warp `warp`.
+VNM_HD constexpr int decode_a_byte(int stage, int warp, int step, int lane) {
+  return (((stage * kDecodeWarps + warp) * kDecodeStepsPerStage + step) * kWarp + lane) * 16;
+}
+// Lane `lane`'s own copy of its metadata word (meta_word_of_lane) for the same k-step.
+VNM_HD constexpr int decode_meta_byte(int stage, int warp, int step, int lane) {
+  return kDecodeMetaBase +
+         (((stage * kDecodeWarps + warp) * kDecodeStepsPerStage + step) * kWarp + lane) * 4;
+}
+// Register r of lane `lane`'s B fragment, token tile j, local k-step kl (nt token tiles). The
+// gather's thread tid writes r = tid & 3 of lane tid >> 2: 128 consecutive words per (kl, j),
+// and the main loop reads a lane's 4 registers with one 16-byte load: both conflict-free.
+VNM_HD constexpr int decode_b_byte(int nt, int kl, int j, int lane, int r) {
+  return kDecodePipeBytes + (((kl * nt + j) * kWarp + lane) * 4 + r) * 4;
+}
+// Reduction along k: accumulator c of token tile j of the warp with k-part `part` (>= 1) and row
+// tile `tile`, lane `lane`.
+VNM_HD constexpr int decode_red_byte(int wt, int nt, int part, int tile, int j, int c, int lane) {
+  return (((((part - 1) * wt + tile) * nt + j) * 4 + c) * kWarp + lane) * 4;
+}
 
 // ---- dispatch ----------------------------------------------------------------------------------
 
 constexpr int kDecodeMaxTokens = 32;  // N <= this: the memory-bound decode kernel
-constexpr int kDecodeWarps = 8;       // warps of a decode CTA, splitting the k-steps
-constexpr int kDecodeTiles = 4;       // n8 tiles a decode CTA covers (32 tokens)
 
 enum class Path : int { automatic = 0, decode = 1, tiled = 2 };
 
@@ -398,6 +498,14 @@ inline int tiled_bm(const PackedGeom& p) {
 
 inline Path choose_path(const PackedGeom&, int64_t n_tokens) {
   return n_tokens <= kDecodeMaxTokens ? Path::decode : Path::tiled;
+}
+
+// fp32 scratch floats spmm needs for n_tokens with `path` (0 unless the decode kernel splits K).
+inline int64_t spmm_workspace_floats(const PackedGeom& p, int64_t n_tokens, Path path,
+                                     int64_t decode_splits = 0) {
+  if (path == Path::automatic) path = choose_path(p, n_tokens);
+  if (path != Path::decode || n_tokens <= 0) return 0;
+  return decode_plan(p, n_tokens, decode_splits).workspace_floats(n_tokens, p.R);
 }
 
 // Whether the kernels read B (x) straight, without the kidx gather: every column kept

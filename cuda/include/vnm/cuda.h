@@ -58,6 +58,12 @@ struct SpmmParams {
   // transposed x serves every layer that reads the same x (q/k/v, gate/up).
   const void* xt = nullptr;
   int64_t ldxt = 0;
+  // Decode kernel split-K (sp::decode_plan): fp32 scratch of sp::spmm_workspace_floats floats,
+  // stream-ordered with the launch (the Python op passes a torch allocation). Null: spmm()
+  // takes it from cudaMallocAsync on the stream and frees it there after the reduction.
+  float* workspace = nullptr;
+  int64_t workspace_floats = 0;
+  int64_t decode_splits = 0;           // tests: force the decode kernel's k splits (0 automatic)
 };
 int spmm(const SpmmParams& params);
 
@@ -68,6 +74,7 @@ struct Plan {
   int bm = 0;
   bool contiguous_b = false;
   bool transposed_x = false;
+  int64_t splits = 1;  // decode: CTAs along k (sp::DecodePlan::splits)
 };
 Plan plan(const SpmmParams& params);
 

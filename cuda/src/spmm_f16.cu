@@ -1,8 +1,0 @@
-// Instantiations of the SpMM kernels for F16 (the only place they are compiled for this type).
-#include "spmm_kernels.cuh"
-
-namespace vnm::cuda::dev {
-
-template cudaError_t launch_decode<F16>(const KernelArgs&, cudaStream_t);
-
-}  // namespace vnm::cuda::dev
