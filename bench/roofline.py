@@ -17,14 +17,31 @@ contiguous for M == 4, gathered for M > 4) is looked up in the static SASS repor
 * issue:   n_mma * (1 + non-MMA per MMA) warp instructions / (SMs * 4 schedulers * clock);
 * L1:      n_mma * wavefronts per MMA / (SMs * 1 wavefront (128 B) per clock);
 * L2:      bytes the tiling forces between L2 and the SMs / L2 bandwidth: the packed weights once
-  per CTA column of tokens (ceil(N/BN) times), x once per CTA row (ceil(R'/BM) times; the
-  token-major gather touches every sector of x, so gathering saves no L2 bytes), y once;
-* DRAM:    packed weights (values, metadata, kidx) + x + y, each once / DRAM bandwidth;
+  per CTA column of tokens (ceil(N/BN) times), x once per CTA row (ceil(R'/BM) times), y once.
+  What "x" is depends on the path: the decode kernel gathers from token-major x, which touches
+  every sector of x (all of x per CTA row); the tiled kernel's contiguous path (M == 4) reads all
+  of x; its gathered path reads only the kept rows of x^T (4 of every M: 4/M of x^T per CTA row).
+  With split-K (decode, splits > 1) the kernel writes fp32 partials (4 B x splits x N x R)
+  instead of y;
+* DRAM:    packed weights (values, metadata, kidx) + x + y, each once / DRAM bandwidth (no y with
+  split-K: the reduction writes it; x^T instead of x on the gathered tiled path, and not even
+  that when x^T fits in L2: the transpose pass below then brought x in from DRAM);
 * latency: DRAM bytes / (SMs * DRAM bytes in flight per SM / DRAM latency) (Little's law); DRAM
   bytes in flight per SM = resident warps * global load bytes one warp has in flight (its
   steady-state iteration's loads, times the cp.async groups it keeps in flight) * the DRAM share
   of the traffic (DRAM bytes / L2 bytes above); resident warps from registers, shared memory and
   threads per CTA, the grid assumed to fill every SM.
+
+Passes that run as their own kernels add their time to the SpMM's (each bounded by its bytes over
+L2 and DRAM bandwidth, max of the two):
+* transpose_x (tiled kernel, gathered path): reads x (2 N K B) and writes x^T (2 K ldxt B, ldxt =
+  N rounded up to 8); x^T goes to DRAM only when it does not fit in L2. One x^T serves every
+  layer that reads the same x, so its time is divided by TRANSPOSE_SHARED_BY (q/k/v: 3, gate/up:
+  2; the best case for the 4096x4096 shape, which is also o_proj with its own x);
+* splitK_reduce (decode kernel, splits > 1): reads the fp32 partials from L2, writes y.
+The "format" figure beside each ceiling counts the compulsory bytes of one layer (weights, x and y
+once) and the tensor time; a shared x^T (x read from DRAM once for q/k/v) can put a ceiling
+slightly above it.
 
 Per-MMA counts (instructions, wavefronts) and per-iteration loads are the busiest warp's
 steady-state path from the SASS report; warps that skip a predicated block (a cp.async issued by
@@ -62,6 +79,7 @@ class GPU:
     l2_bytes_per_clk: int
     smem_per_sm: int  # bytes a kernel may use per SM
     dram_latency_us: float
+    l2_size: int = 0  # bytes of L2 (0: unknown, nothing assumed to stay in it)
 
     @property
     def clock_hz(self) -> float:
@@ -88,13 +106,16 @@ GPUS: Dict[str, GPU] = {
     # DRAM latency: an assumption, ~0.5 us (public microbenchmarks of A100/H100 report roughly
     # 0.45-0.6 us for an HBM access); a lower latency would only raise the ceiling of a kernel
     # that is latency-bound.
-    "H100": GPU("H100 SXM", "sm_90", 132, 989.4, 1978.9, 4096, 3350, 5120, 228 * 1024, 0.5),
-    # NVIDIA H200 datasheet (SXM): the same tensor peaks as H100 SXM, 4.8 TB/s HBM3e.
-    "H200": GPU("H200 SXM", "sm_90", 132, 989.4, 1978.9, 4096, 4800, 5120, 228 * 1024, 0.5),
+    # L2: 50 MB (H100 whitepaper, SXM5).
+    "H100": GPU("H100 SXM", "sm_90", 132, 989.4, 1978.9, 4096, 3350, 5120, 228 * 1024, 0.5, 50 << 20),
+    # NVIDIA H200 datasheet (SXM): the same tensor peaks as H100 SXM, 4.8 TB/s HBM3e; the same
+    # GH100 die, so H100's 50 MB L2.
+    "H200": GPU("H200 SXM", "sm_90", 132, 989.4, 1978.9, 4096, 4800, 5120, 228 * 1024, 0.5, 50 << 20),
     # NVIDIA A100 Tensor Core GPU Architecture whitepaper: 108 SMs, 312 TF fp16 dense / 624 sparse,
     # 1024 dense fp16 FMA per SM per clock (2048 flops), L2 read bandwidth 5120 B/clk; A100 80GB
     # SXM datasheet: 2,039 GB/s; 164 KB shared memory per SM (CUDA Programming Guide, cc 8.0).
-    "A100": GPU("A100 SXM 80GB", "sm_80", 108, 312.0, 624.0, 2048, 2039, 5120, 164 * 1024, 0.5),
+    # L2: 40 MB (A100 whitepaper).
+    "A100": GPU("A100 SXM 80GB", "sm_80", 108, 312.0, 624.0, 2048, 2039, 5120, 164 * 1024, 0.5, 40 << 20),
 }
 
 SHAPES = {
@@ -102,6 +123,8 @@ SHAPES = {
     "DeiT-base": [(768, 768), (3072, 768), (768, 3072), (2304, 768)],  # proj, fc1, fc2, fused qkv
 }
 TOKENS = [1, 16, 128, 2048, 8192]
+# Layers that read one x and so share one transpose_x (best case for a bound): q/k/v, gate/up.
+TRANSPOSE_SHARED_BY = {(4096, 4096): 3, (11008, 4096): 2}
 PATTERNS = ["2:4", "64:2:8", "64:2:5", "128:2:8"]
 
 # ---- the kernels the dispatcher picks (update with the kernels) -------------------------------------
@@ -118,7 +141,8 @@ KERNELS = {
     ("tiled16", "gathered"): ("spmm_tiled_kernel<F16,TileShape<1,8,1,4,3,2>,true>", "most", 16, 256),
 }
 # Dynamic shared memory (bytes) of the kernels that take it at launch, which ptxas does not report:
-# sp::TileShape::SMEM_BYTES = STAGES x (KPS x (MT_CTA x (512 + 64) + 32 x BN x 2)).
+# sp::TileShape::SMEM_BYTES = STAGES x (KPS x (MT_CTA x (512 + 64) + 32 x BN x 2)). The decode
+# kernel's depends on the shape (sp::DecodePlan::smem_bytes): decode_plan() below gives it.
 DYNAMIC_SMEM = {
     KERNELS[("tiled128", "contiguous")][0]: 3 * 2 * (8 * 576 + 32 * 128 * 2),
     KERNELS[("tiled128", "gathered")][0]: 3 * 2 * (8 * 576 + 32 * 128 * 2),
@@ -135,6 +159,36 @@ DYNAMIC_SMEM = {
 # (4 cp.async groups), so the report's "loads per iteration x groups in flight" is 4x what a warp
 # keeps in flight (3 stages x 2 k-steps x 640 B): DECODE_GROUPS_PER_ITERATION divides it back.
 DECODE_GROUPS_PER_ITERATION = 4
+
+
+DECODE_WARPS, DECODE_STAGES, DECODE_STEPS_PER_STAGE = 4, 4, 2
+DECODE_TARGET_CTAS, DECODE_MAX_B_BYTES, DECODE_MIN_UNITS = 528, 32768, 2
+
+
+def decode_plan(p: "Pattern", R: int, K: int, N: int) -> Dict[str, int]:
+    """sp::decode_plan (cpp/include/vnm/sp_layout.h), line for line: the work split, dynamic
+    shared memory and split-K workspace of the decode kernel (tests compare it with the C++)."""
+    g = packed_bytes(p, R, K)
+    nt = 1 if N <= 8 else 2 if N <= 16 else 4
+    wt = 4 if (g["KB"] == 1 or p.row_block % 64 == 0) else 2 if p.row_block % 32 == 0 else 1
+    kparts = DECODE_WARPS // wt
+    row_ctas = -(-g["MT"] // wt)
+    token_ctas = -(-N // (nt * 8))
+    unit = kparts * DECODE_STEPS_PER_STAGE
+    units_total = -(-g["KS"] // unit)
+    splits_max = -(-units_total // DECODE_MIN_UNITS)
+    units_max = max(1, DECODE_MAX_B_BYTES // (nt * 32 * 16) // unit)
+    splits_min = -(-units_total // units_max)
+    ctas = row_ctas * max(token_ctas, 1)
+    splits = max(1, max(splits_min, min(splits_max, -(-DECODE_TARGET_CTAS // ctas))))
+    units_cta = -(-units_total // splits)
+    ks_cta = units_cta * unit
+    splits = -(-units_total // units_cta)
+    pipe = DECODE_STAGES * DECODE_WARPS * DECODE_STEPS_PER_STAGE * 32 * (16 + 4)
+    return {"nt": nt, "wt": wt, "kparts": kparts, "row_ctas": row_ctas, "splits": splits,
+            "token_ctas": token_ctas, "ks_cta": ks_cta, "ks_warp": ks_cta // kparts,
+            "smem_bytes": pipe + ks_cta * nt * 32 * 16,
+            "workspace_floats": splits * N * R if splits > 1 else 0}
 
 
 def decode_kernel(p: "Pattern", N: int) -> Tuple[str, str, int, int]:
@@ -168,7 +222,7 @@ def packed_bytes(p: Pattern, R: int, K: int) -> Dict[str, int]:
     KS = math.ceil(G / 8)
     MT = Rp // 16
     KB = 1 if p.M == 4 else Rp // p.row_block
-    return {"Rp": Rp, "KS": KS, "MT": MT,
+    return {"Rp": Rp, "KS": KS, "MT": MT, "G": G, "KB": KB,
             "values": MT * KS * 32 * 8 * 2, "meta": MT * KS * 16 * 4, "kidx": KB * KS * 8 * 4 * 4}
 
 
@@ -193,18 +247,21 @@ class KernelCounts:
     resident_warps_per_sm: int
 
 
-def resident_warps(rec: dict, gpu: GPU) -> int:
+def resident_warps(rec: dict, gpu: GPU, dynamic_smem: Optional[int] = None) -> int:
     r = rec["resources"]
     threads = r["threads"] or 256
     regs = max(1, math.ceil(r["registers"] / 8) * 8)  # allocated in 8-register steps per thread
     by_regs = REGS_PER_SM // (regs * threads)
-    smem = r["smem"] or DYNAMIC_SMEM.get(rec["kernel"], 0)
+    if dynamic_smem is None:
+        dynamic_smem = DYNAMIC_SMEM.get(rec["kernel"], 0)
+    smem = (r["smem"] or 0) + dynamic_smem
     by_smem = gpu.smem_per_sm // smem if smem else MAX_CTAS_PER_SM
     by_threads = MAX_THREADS_PER_SM // threads
     return max(0, min(by_regs, by_smem, by_threads, MAX_CTAS_PER_SM)) * threads // 32
 
 
-def counts_from_report(records: List[dict], gpu: GPU, kernel: str, which: str) -> KernelCounts:
+def counts_from_report(records: List[dict], gpu: GPU, kernel: str, which: str,
+                       dynamic_smem: Optional[int] = None) -> KernelCounts:
     recs = [r for r in records if r["kernel"] == kernel and r["arch"] == gpu.arch]
     if not recs:
         raise SystemExit(f"roofline: no kernel {kernel!r} for {gpu.arch} in the SASS report; update "
@@ -219,7 +276,7 @@ def counts_from_report(records: List[dict], gpu: GPU, kernel: str, which: str) -
             depth = row["cp_async_groups_in_flight"] if base == "LDGSTS" and row["cp_async_groups_in_flight"] else 1
             per_iter += n * 32 * int(bits) / 8 * depth
     return KernelCounts(kernel, row["non_mma_per_mma"], row["wavefronts_per_mma"], per_iter,
-                        resident_warps(rec, gpu))
+                        resident_warps(rec, gpu, dynamic_smem))
 
 
 @dataclasses.dataclass
@@ -234,14 +291,17 @@ class Bound:
     limits_us: Dict[str, float]
     dense_us: float
     format_ceiling: float  # speedup allowed by the format alone (tensor and DRAM limits)
+    # Separate passes (transpose_x, splitK_reduce), each its own bound, added to the SpMM's time.
+    passes_us: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def sparse_us(self) -> float:
-        return max(self.limits_us.values())
+        return max(self.limits_us.values()) + sum(self.passes_us.values())
 
     @property
     def binding(self) -> str:
-        return max(self.limits_us, key=self.limits_us.get)
+        main = max(self.limits_us, key=self.limits_us.get)
+        return "+".join([main] + [k for k, v in self.passes_us.items() if v > 0])
 
     @property
     def ceiling(self) -> float:
@@ -255,14 +315,36 @@ def dense_us(gpu: GPU, R: int, K: int, N: int) -> float:
 
 
 def bound(gpu: GPU, p: Pattern, R: int, K: int, N: int, c: KernelCounts, bm: int, bn: int,
-          shape: str = "", kernel: str = "") -> Bound:
+          shape: str = "", kernel: str = "", transposed_x: bool = False, splits: int = 1,
+          transpose_shared_by: int = 1) -> Bound:
+    """transposed_x: the tiled kernel's gathered path (reads kept rows of x^T, after a
+    transpose_x pass shared by `transpose_shared_by` layers); splits: the decode kernel's k
+    splits (> 1: fp32 partials and a reduction pass)."""
     g = packed_bytes(p, R, K)
     n_mma = g["MT"] * g["KS"] * math.ceil(N / 8)
     clk = gpu.clock_hz
     weights = g["values"] + g["meta"] + g["kidx"]
     x_bytes, y_bytes = 2 * N * K, 2 * N * R
-    dram = weights + x_bytes + y_bytes
-    l2 = weights * math.ceil(N / bn) + x_bytes * math.ceil(g["Rp"] / bm) + y_bytes
+    ws_bytes = 4 * splits * N * R if splits > 1 else 0
+    passes: Dict[str, float] = {}
+
+    def pass_us(l2_bytes: float, dram_bytes: float) -> float:
+        return max(l2_bytes / (gpu.l2_gbs * 1e9), dram_bytes / (gpu.dram_gbs * 1e9)) * 1e6
+
+    if transposed_x:
+        xt_bytes = 2 * K * (-(-N // 8) * 8)
+        xt_in_l2 = xt_bytes <= gpu.l2_size
+        passes["transpose_x"] = pass_us(x_bytes + xt_bytes, x_bytes + (0 if xt_in_l2 else xt_bytes)) \
+            / transpose_shared_by
+        x_dram = 0 if xt_in_l2 else xt_bytes
+        # Each CTA row reads the kept rows of x^T only: 4 per group of M columns.
+        x_l2_per_cta_row = xt_bytes * min(K, 4 * g["G"]) / K
+    else:
+        x_dram, x_l2_per_cta_row = x_bytes, x_bytes
+    if ws_bytes:
+        passes["splitK_reduce"] = pass_us(ws_bytes + y_bytes, y_bytes)
+    dram = weights + x_dram + (0 if ws_bytes else y_bytes)
+    l2 = weights * math.ceil(N / bn) + x_l2_per_cta_row * math.ceil(g["Rp"] / bm) + (ws_bytes or y_bytes)
     # Of the bytes a warp has in flight, the share that comes from DRAM (the rest hits L2): at most
     # DRAM bytes / L2 bytes of the tiling (both counted optimistically above).
     in_flight_per_sm = c.resident_warps_per_sm * c.load_bytes_in_flight_per_warp * min(1.0, dram / l2)
@@ -277,8 +359,10 @@ def bound(gpu: GPU, p: Pattern, R: int, K: int, N: int, c: KernelCounts, bm: int
     }
     limits = {k: v * 1e6 for k, v in limits.items()}
     d = dense_us(gpu, R, K, N)
+    # The format alone: tensor time and the compulsory DRAM bytes (weights, x, y once).
+    format_dram_us = (weights + x_bytes + y_bytes) / (gpu.dram_gbs * 1e9) * 1e6
     return Bound(gpu.name, shape, R, K, N, p.text, kernel or c.kernel, limits, d,
-                 d / max(limits["tensor"], limits["DRAM"]))
+                 d / max(limits["tensor"], format_dram_us), passes)
 
 
 def _sass_report_module():
@@ -352,12 +436,17 @@ def all_bounds(records: List[dict], gpus: Sequence[str]) -> List[Bound]:
                         path, x = pick_kernel(p, N)
                         if path == "decode":
                             kernel, which, bm, bn = decode_kernel(p, N)
-                            c = counts_from_report(records, gpu, kernel, which)
+                            d = decode_plan(p, R, K, N)
+                            c = counts_from_report(records, gpu, kernel, which, d["smem_bytes"])
                             c.load_bytes_in_flight_per_warp /= DECODE_GROUPS_PER_ITERATION
+                            out.append(bound(gpu, p, R, K, N, c, bm, bn, shape, f"{path} ({x} x)",
+                                             splits=d["splits"]))
                         else:
                             kernel, which, bm, bn = KERNELS[(path, x)]
                             c = counts_from_report(records, gpu, kernel, which)
-                        out.append(bound(gpu, p, R, K, N, c, bm, bn, shape, f"{path} ({x} x)"))
+                            out.append(bound(gpu, p, R, K, N, c, bm, bn, shape, f"{path} ({x} x)",
+                                             transposed_x=x == "gathered",
+                                             transpose_shared_by=TRANSPOSE_SHARED_BY.get((R, K), 1)))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -88,3 +89,56 @@ def test_the_decode_instantiation_and_rows_the_roofline_assumes():
     assert rl.decode_kernel(P("2:4"), 16) == ("spmm_decode_kernel<F16,2>", "most", 64, 16)
     assert rl.decode_kernel(P("32:2:8"), 17) == ("spmm_decode_kernel<F16,4>", "most", 32, 32)
     assert rl.decode_kernel(P("48:2:8"), 32) == ("spmm_decode_kernel<F16,4>", "most", 16, 32)
+
+
+def test_decode_plan_mirrors_the_cpp_plan():
+    """roofline.decode_plan (splits, dynamic shared memory, workspace) is sp::decode_plan."""
+    _C = pytest.importorskip("vnm._C")
+    import vnm
+    for ptext in ("2:4", "64:2:8", "32:2:5", "48:2:8", "128:2:16"):
+        for R, K in [(4096, 4096), (11008, 4096), (4096, 11008), (768, 3072), (100, 333)]:
+            for N in (1, 7, 16, 32):
+                want = _C._decode_plan(vnm.Pattern.parse(ptext), R, K, N)
+                got = rl.decode_plan(rl.Pattern.parse(ptext), R, K, N)
+                assert {k: got[k] for k in want} == dict(want), (ptext, R, K, N)
+
+
+def test_transpose_pass_and_gathered_l2_by_hand():
+    """Gathered tiled path: each CTA row reads 4/M of x^T; transpose_x is its own pass (x read,
+    x^T written; x^T kept in L2 when it fits), shared by the layers reading one x."""
+    p = rl.Pattern.parse("64:2:8")
+    R, K, N = 128, 64, 40  # G = 8 groups, KS = 1; ldxt = 40
+    g = rl.packed_bytes(p, R, K)
+    weights = g["values"] + g["meta"] + g["kidx"]
+    c = rl.KernelCounts("k", 0.0, 0.0, 1e9, 64)
+    toy = dataclasses.replace(TOY, l2_size=1 << 20)
+    b = rl.bound(toy, p, R, K, N, c, bm=64, bn=256, transposed_x=True, transpose_shared_by=2)
+    xt = 2 * K * 40
+    # L2: weights once (one token CTA), 4/8 of x^T per CTA row (2 rows), y once
+    assert b.limits_us["L2"] * 1e3 == pytest.approx((weights + xt * 0.5 * 2 + 2 * N * R) / 1000)
+    # x^T fits in L2: the SpMM reads no x from DRAM (the transpose did)
+    assert b.limits_us["DRAM"] * 1e3 == pytest.approx((weights + 2 * N * R) / 100)
+    # transpose: max(L2 (x + x^T) / 1000, DRAM x / 100), halved (two layers share it)
+    assert b.passes_us["transpose_x"] * 1e3 == pytest.approx(max(2 * xt / 1000, xt / 100) / 2)
+    assert b.sparse_us == pytest.approx(max(b.limits_us.values()) + b.passes_us["transpose_x"])
+    assert b.binding.endswith("+transpose_x")
+    # x^T larger than L2: written to and read back from DRAM
+    big = rl.bound(dataclasses.replace(TOY, l2_size=0), p, R, K, N, c, 64, 256, transposed_x=True)
+    assert big.limits_us["DRAM"] * 1e3 == pytest.approx((weights + xt + 2 * N * R) / 100)
+    assert big.passes_us["transpose_x"] * 1e3 == pytest.approx(max(2 * xt / 1000, 2 * xt / 100))
+
+
+def test_split_k_workspace_traffic_by_hand():
+    """Decode split-K: the kernel writes 4 B x splits x N x R partials instead of y; the
+    reduction pass reads them and writes y."""
+    p = rl.Pattern.parse("2:4")
+    R, K, N = 16, 256, 8
+    g = rl.packed_bytes(p, R, K)
+    weights = g["values"] + g["meta"] + g["kidx"]
+    c = rl.KernelCounts("k", 0.0, 0.0, 1e9, 64)
+    b = rl.bound(TOY, p, R, K, N, c, bm=16, bn=8, splits=4)
+    ws, y, x = 4 * 4 * N * R, 2 * N * R, 2 * N * K
+    assert b.limits_us["L2"] * 1e3 == pytest.approx((weights + x + ws) / 1000)
+    assert b.limits_us["DRAM"] * 1e3 == pytest.approx((weights + x) / 100)
+    assert b.passes_us["splitK_reduce"] * 1e3 == pytest.approx(max((ws + y) / 1000, y / 100))
+    assert rl.bound(TOY, p, R, K, N, c, bm=16, bn=8).passes_us == {}
