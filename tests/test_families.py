@@ -17,7 +17,7 @@ import torch
 
 import vnm
 from vnm import SparsifyConfig, VNMLinear
-from vnm.graph import _output_tensors
+from vnm.graph import output_tensors
 from vnm.layers import weight_matrix
 from vnm.sparsify import original_order_weight
 from _families import CAUSAL, FAMILIES, randomise_norms_and_scales_
@@ -48,7 +48,7 @@ def _family_params():
 
 def outputs(model, inputs):
     with torch.no_grad():
-        return [t for t in _output_tensors(model(**inputs)) if t.dtype.is_floating_point]
+        return [t for t in output_tensors(model(**inputs)) if t.dtype.is_floating_point]
 
 
 def unpermuted_masked_copy(dense, sparse, report):

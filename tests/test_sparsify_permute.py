@@ -61,7 +61,7 @@ def test_permuted_model_equals_unpermuted_model_with_the_same_masks(family, mode
     # A permutation is kept only if it raises the kept score: of the layer for gathered and attention
     # permutations, of the whole MLP edge (producers and consumer share one permutation).
     by_name = {r.name: r for r in report.sparse}
-    for edge in find_edges(sparse):
+    for edge in find_edges(dense, inputs):  # the edges of the dense model, from its computation
         names = [n for n in getattr(edge, "producers", []) + [edge.consumer] if n in by_name]
         if isinstance(edge, HeadsEdge):
             names = [edge.consumer] if edge.consumer in by_name else []

@@ -536,7 +536,7 @@ def trace_model(model: nn.Module, inputs: Any) -> Trace:
         with torch.no_grad(), tracer:
             out = run_model(model, inputs)
         with _disable_current_modes():
-            for t in _output_tensors(out):
+            for t in output_tensors(out):
                 lab = tracer.labels.get(t)
                 if lab is None and t in tracer.source_of:
                     lab = tracer._label(t)
@@ -552,13 +552,14 @@ def trace_model(model: nn.Module, inputs: Any) -> Trace:
     return tracer.trace
 
 
-def _output_tensors(out) -> List[torch.Tensor]:
+def output_tensors(out) -> List[torch.Tensor]:
+    """The tensors of a model call's output (a tensor, a ModelOutput, nested tuples and dicts)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):  # ModelOutput is an OrderedDict
-        return [t for v in out.values() for t in _output_tensors(v)]
+        return [t for v in out.values() for t in output_tensors(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _output_tensors(v)]
+        return [t for v in out for t in output_tensors(v)]
     return []
 
 
@@ -817,5 +818,5 @@ def find_edges(model: nn.Module, inputs: Any = None) -> List[object]:
     return edges_from_trace(trace_model(model, inputs))[0]
 
 
-__all__ = ["MlpEdge", "HeadsEdge", "ParamPerm", "Trace", "Refusal", "trace_model", "edges_from_trace",
+__all__ = ["MlpEdge", "HeadsEdge", "ParamPerm", "Trace", "Refusal", "trace_model", "edges_from_trace", "output_tensors",
            "find_edges", "example_inputs"]

@@ -443,10 +443,10 @@ def _random_edge_perm(model: nn.Module, edge, g: torch.Generator) -> torch.Tenso
 
 
 def _outputs(model: nn.Module, inputs) -> List[torch.Tensor]:
-    from .graph import _output_tensors  # noqa: PLC0415
+    from .graph import output_tensors  # noqa: PLC0415
 
     with torch.no_grad():
-        return [t.detach().clone() for t in _output_tensors(run_model(model, inputs)) if t.dtype.is_floating_point]
+        return [t.detach().clone() for t in output_tensors(run_model(model, inputs)) if t.dtype.is_floating_point]
 
 
 def _same_outputs(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
