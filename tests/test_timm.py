@@ -54,10 +54,13 @@ def test_timm_vit_sparsify_save_load(kind, tmp_path):
 
 
 def build_beit3():
-    from timm.models.beit3 import BEiT3
+    """timm's BEiT-3 (a VisionTransformer with a LayerNorm between the heads and attn.proj and one
+    between mlp.fc1 and mlp.fc2, as timm's beit3_* models are built)."""
+    from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    return BEiT3(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10).eval()
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                             num_classes=10, scale_attn_norm=True, scale_mlp_norm=True, global_pool="avg").eval()
 
 
 def build_swiglu_packed():
@@ -93,7 +96,8 @@ def test_timm_permuted_equals_unpermuted_with_the_same_masks(kind, mode):
     fc1, fc2 = by["blocks.0.mlp.fc1"], by["blocks.0.mlp.fc2"]
     assert fc1.permutation.startswith("rows absorbed") and "cols absorbed" in fc2.permutation  # the MLP edge holds
     if kind == "beit3":  # its norms between the layers are permuted along
-        assert {"blocks.0.mlp.norm.weight", "blocks.0.attn.inner_attn_ln.bias"} <= set(report.permuted_parameters)
+        assert {f"blocks.{i}.{norm}.{p}" for i in (0, 1) for norm in ("mlp.norm", "attn.norm")
+                for p in ("weight", "bias")} <= set(report.permuted_parameters)
     if kind == "swiglu-packed":  # both halves of fc1 take the same permutation
         half = fc1.shape[0] // 2
         assert torch.equal(fc1.row_perm[half:], fc1.row_perm[:half] + half)
@@ -104,3 +108,14 @@ def test_timm_permuted_equals_unpermuted_with_the_same_masks(kind, mode):
     with torch.no_grad():
         y, y_ref = sparse(x), ref(x)
     assert torch.allclose(y, y_ref, rtol=1e-4, atol=1e-4 * float(y_ref.abs().max())), (y - y_ref).abs().max()
+
+
+def test_timm_models_are_traced_without_example_inputs():
+    """A timm image model needs no example inputs: vnm builds images of its input size, so the
+    edges are found and checked as for a Hugging Face model."""
+    dense = build_beit3()
+    report = vnm.sparsify(copy.deepcopy(dense), SparsifyConfig(pattern="16:2:8", permute="free",
+                                                               permute_time_budget=None, permute_max_rounds=2,
+                                                               progress=False))
+    assert "cols absorbed" in report["blocks.1.mlp.fc2"].permutation
+    assert "blocks.1.mlp.norm.weight" in report.permuted_parameters

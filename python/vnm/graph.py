@@ -776,12 +776,13 @@ def _violation(trace, consumer, moved, slot, pos, block, edge) -> Optional[str]:
 
 def example_inputs(model: nn.Module, batch: int = 2, tokens: int = 8) -> Optional[dict]:
     """Synthetic inputs of the right shape for a Hugging Face model built from a config (random
-    token ids, images, audio features), or None when the model's inputs cannot be told."""
+    token ids, images, audio features) or a timm image model (its ``pretrained_cfg['input_size']``
+    or its patch embedding's image size), or None when the model's inputs cannot be told."""
     cfg = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
-    if cfg is None or main is None:
-        return None
     g = torch.Generator().manual_seed(0)
+    if cfg is None or main is None:
+        return _timm_images(model, batch, g)
     text = getattr(cfg, "text_config", None) or cfg
     vision = getattr(cfg, "vision_config", None) or cfg
     out = {}
@@ -807,6 +808,22 @@ def example_inputs(model: nn.Module, batch: int = 2, tokens: int = 8) -> Optiona
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return {k: (v.to(device=device, dtype=dtype) if v.dtype.is_floating_point else v.to(device))
             for k, v in out.items()}
+
+
+def _timm_images(model: nn.Module, batch: int, g: torch.Generator) -> Optional[torch.Tensor]:
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    embed = getattr(model, "patch_embed", None)
+    if size is None and embed is not None and getattr(embed, "img_size", None) is not None:
+        proj = getattr(embed, "proj", None)
+        channels = getattr(proj, "in_channels", None)
+        if channels is not None:
+            hw = embed.img_size if isinstance(embed.img_size, (tuple, list)) else (embed.img_size,) * 2
+            size = (channels, *hw)
+    if size is None:
+        return None
+    p = next(model.parameters(), None)
+    x = torch.randn(batch, *size, generator=g)
+    return x if p is None else x.to(device=p.device, dtype=p.dtype if p.dtype.is_floating_point else x.dtype)
 
 
 def find_edges(model: nn.Module, inputs: Any = None) -> List[object]:
