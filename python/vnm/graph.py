@@ -134,7 +134,7 @@ _JOINS = {"cat", "stack"}
 _SAME_SHAPE = {"_to_copy", "to", "clone", "contiguous", "detach", "alias", "lift_fresh", "alias_copy", "detach_copy"}
 # Symmetric reductions: their result does not depend on the order of the elements reduced.
 _REDUCTIONS = {"sum", "mean", "var", "var_mean", "std", "std_mean", "amax", "amin", "linalg_vector_norm",
-               "logsumexp", "prod", "norm"}
+               "logsumexp", "prod"}
 _SOFTMAX = {"_softmax", "_log_softmax"}
 _LAYER_NORMS = {"native_layer_norm", "_fused_rms_norm"}
 _ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",

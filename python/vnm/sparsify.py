@@ -572,9 +572,10 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
         try:
             trace = trace_model(model, inputs)
         except Exception as exc:  # noqa: BLE001 - any model the tracer cannot run: no edges, names only
-            log.warning("could not trace %s on the example inputs (%s: %s): no permutation edge is used and output "
-                        "heads are found by name only; pass SparsifyConfig(example_inputs=...) that the model's "
-                        "forward accepts", type(model).__name__, type(exc).__name__, exc)
+            log.log(logging.WARNING if mode else logging.INFO,
+                    "could not trace %s on the example inputs (%s: %s): no permutation edge is used and output "
+                    "heads are found by name only; pass SparsifyConfig(example_inputs=...) that the model's "
+                    "forward accepts", type(model).__name__, type(exc).__name__, exc)
     if trace is not None and config.skip_heads:
         for r in layers:
             if r.skipped is None and r.name in trace.heads:
