@@ -163,3 +163,29 @@ def test_layer_predicates_take_module_then_name_everywhere():
     report = vnm.sparsify(model, SparsifyConfig(pattern="2:4", example_inputs=inputs, progress=False),
                           filter_fn=only_mlp)
     assert sorted(r.name for r in report.sparse) == sorted(stats)
+
+
+def test_the_padding_message_suggests_what_helps():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(6, 8), nn.Linear(68, 64), nn.Linear(64, 40))
+    report = vnm.sparsify(model, SparsifyConfig(pattern="2:4", progress=False))
+    assert report["1"].skipped == "shape 8x6 pads to 16x8 under 2:4 (over 25% padding); too small for 2:4 storage; it stays dense"
+    report = vnm.sparsify(nn.Sequential(nn.Linear(64, 64), nn.Linear(9, 64), nn.Linear(64, 40)),
+                          SparsifyConfig(pattern="64:2:8", progress=False))
+    assert report["1"].skipped.endswith("a pattern with a smaller M pads less")  # 9 columns pad to 16
+    assert report["2"].skipped.endswith("a pattern with a smaller V pads less")  # 40 rows pad to 64
+
+
+def test_zero_dim_parameters_and_buffers_save_and_load(tmp_path):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    model.scale = nn.Parameter(torch.tensor(2.5))
+    model.register_buffer("step", torch.tensor(7))
+    vnm.sparsify(model, SparsifyConfig(pattern="2:4", progress=False))
+    fresh = nn.Sequential(nn.Linear(64, 64))
+    fresh.scale = nn.Parameter(torch.tensor(0.0))
+    fresh.register_buffer("step", torch.tensor(0))
+    loaded = vnm.load(vnm.save(model, tmp_path / "z.safetensors"), fresh)
+    assert loaded.scale.shape == () and float(loaded.scale.detach()) == 2.5 and int(loaded.step) == 7
