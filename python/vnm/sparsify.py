@@ -251,7 +251,13 @@ def find_layers(model: nn.Module, config: SparsifyConfig,
 
 
 def _storage_key(t: torch.Tensor):
-    return (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+    """Where a tensor's memory lives (None for an empty tensor, or a tensor subclass without storage of its own)."""
+    if not t.numel():
+        return None
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
 
 
 def _tied_names(model: nn.Module) -> Dict[object, List[str]]:
