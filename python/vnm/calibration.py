@@ -453,7 +453,9 @@ def calibrate(
 
     ``batches``: inputs of ``model``, each a mapping (``model(**batch)``, e.g. tokenizer output),
     a tuple (``model(*batch)``) or a tensor (``model(batch)``); moved to the model's device.
-    ``layers``: which layers to hook (see :func:`vnm.layers.prunable_layers`); default all.
+    ``layers``: which layers to hook: module names, or a predicate ``f(module, name) -> bool``
+    taking its arguments in the order of :func:`vnm.sparsify`'s ``filter_fn`` (see
+    :func:`vnm.layers.prunable_layers`); default all.
     ``entropy_bins``: bins of the per-channel histogram behind the entropy score (the batches are
     then run twice); ``None`` skips it. ``token_mask``: a function ``batch -> (B, L) mask`` (True
     or 1 for the tokens to count) that replaces the batch's ``attention_mask``, for batches that

@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, Iterable, Union
 import torch
 from torch import nn
 
-LayerFilter = Union[None, Iterable[str], Callable[[str, nn.Module], bool]]
+# A predicate takes (module, name), as vnm.sparsify's filter_fn and torchao's filter_fn do.
+LayerFilter = Union[None, Iterable[str], Callable[[nn.Module, str], bool]]
 
 
 def _conv1d_type():
@@ -55,13 +56,14 @@ def prunable_layers(model: nn.Module, layers: LayerFilter = None) -> Dict[str, n
     """``{name: module}`` of the model's prunable layers, in ``named_modules`` order.
 
     ``layers``: ``None`` for all of them; a collection of module names (each must be a prunable
-    layer of the model, else ``ValueError``); or a predicate ``f(name, module) -> bool``.
+    layer of the model, else ``ValueError``); or a predicate ``f(module, name) -> bool`` (the
+    order of :func:`vnm.sparsify`'s ``filter_fn`` and torchao's).
     """
     found = {name: m for name, m in model.named_modules() if is_prunable(m)}
     if layers is None:
         return found
     if callable(layers):
-        return {name: m for name, m in found.items() if layers(name, m)}
+        return {name: m for name, m in found.items() if layers(m, name)}
     if isinstance(layers, str):
         raise TypeError("layers must be a collection of module names or a predicate, not a single string; "
                         f"use layers=[{layers!r}]")

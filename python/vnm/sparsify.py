@@ -6,7 +6,12 @@ picks layers by module and name. Layers that should stay dense (embeddings are n
 layers; by default the LM head, classifier and pooler) or whose shape cannot be served are
 skipped, and the report says which and why.
 
-Permutations (``permute``) follow :mod:`vnm.graph`. Free at inference (``permute='free'``):
+Permutations (``permute``) follow the edges :mod:`vnm.graph` proves from a traced forward pass on
+example inputs (``SparsifyConfig.example_inputs``, else the first calibration batch, else synthetic
+inputs built from a Hugging Face config); before any search, each edge is checked once more by
+running the model with a random permutation of the edge's kind and comparing its outputs with the
+unpermuted model's, and refused (logged, listed in ``report.refused_edges``) if they differ.
+Free at inference (``permute='free'``):
 - along an MLP edge one permutation of the hidden features serves as the producers' row order and
   the consumer's column order ("rows absorbed" / "cols absorbed"); along an attention edge a
   per-head permutation of the value features does the same for the output projection;
@@ -24,18 +29,18 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import scores as scores_mod
-from .graph import HeadsEdge, MlpEdge, find_edges
-from .layers import is_prunable, weight_matrix
+from .graph import HeadsEdge, MlpEdge, Refusal, edges_from_trace, example_inputs, trace_model
+from .layers import batch_to, is_prunable, model_device, run_model, weight_matrix
 from .mask import select_mask
 from .nn import VNMLinear
 from .pattern import Pattern, PatternLike, as_pattern
-from .permute import kept_score, search_permutation
+from .permute import invert_permutation, kept_score, permute_linear_cols, permute_linear_rows, search_permutation
 from .tensor import VNMTensor
 
 # Module names (fnmatch globs) left dense by default: output heads (LM heads, often tied to the
@@ -68,6 +73,15 @@ class SparsifyConfig:
         permutations for the same model, scores and seed on every machine; a wall-clock budget
         does not.
     skip: module-name globs left dense.
+    skip_heads: also leave dense the layers whose weight is tied to another parameter (an LM head
+        tied to the input embedding: sparsifying it would untie them) and, when the model can be
+        traced, the layers whose output is a model output (CLIP's text_projection and
+        visual_projection, LM heads, classifiers).
+    example_inputs: one batch (as calibration batches are: a dict of model inputs, a tuple or a
+        tensor) to trace the model with (output heads, permutation edges) and to verify the
+        permutations on. Default: the first calibration batch when ``calibration`` is a list or
+        tuple, else synthetic inputs for a Hugging Face model. Without any, no edge is used (rows
+        are still scattered and, with 'all', columns gathered) and a warning says so.
     dtype: the dtype the sparse layers are stored in, which must be the layers' own (checked; a
         sparse layer in another dtype than the rest of the model breaks its forward): to store
         float16, cast the model first (``model.half()``). Default: the layer's.
@@ -80,6 +94,8 @@ class SparsifyConfig:
     permute_time_budget: Optional[float] = 2.0
     permute_max_rounds: Optional[int] = None
     skip: Sequence[str] = DEFAULT_SKIP
+    skip_heads: bool = True
+    example_inputs: Optional[Any] = None
     dtype: Optional[torch.dtype] = None
     seed: int = 0
     progress: bool = True
@@ -122,6 +138,8 @@ class LayerReport:
 
     @property
     def permutation(self) -> Optional[str]:
+        """How the layer is permuted, e.g. 'rows absorbed+cols gathered' (None: not permuted).
+        A layer left dense can have its rows absorbed: it is permuted in place."""
         parts = []
         if self.row_perm is not None:
             parts.append("rows scattered" if self.row_scattered else "rows absorbed")
@@ -139,6 +157,16 @@ class LayerReport:
 @dataclass
 class SparsifyReport:
     layers: List[LayerReport] = field(default_factory=list)
+    # Parameters permuted along an edge (a norm's weight between fc1 and fc2): name -> the edge's consumer.
+    permuted_parameters: Dict[str, str] = field(default_factory=dict)
+    # Candidate edges refused, with the reason (from the trace or from the check by execution).
+    refused_edges: List[str] = field(default_factory=list)
+
+    @property
+    def permuted(self) -> List[LayerReport]:
+        """Every layer a permutation touched, sparse or left dense (a dense producer absorbs the
+        row permutation of an edge whose consumer is sparse)."""
+        return [r for r in self.layers if r.row_perm is not None or r.col_perm is not None]
 
     @property
     def sparse(self) -> List[LayerReport]:
@@ -173,8 +201,12 @@ def serving_problem(shape: Tuple[int, int], pattern: Pattern) -> Optional[str]:
     Rp = -(-R // pattern.row_block) * pattern.row_block
     Kp = -(-K // pattern.M) * pattern.M
     if Rp * Kp > 1.25 * R * K:
-        return (f"shape {R}x{K} pads to {Rp}x{Kp} under {pattern} (over 25% padding); "
-                f"a pattern with smaller V or M fits")
+        if not pattern.is_vnm:  # 2:4: rows pad to the 16-row tile, columns to groups of 4
+            fix = "too small for 2:4 storage; it stays dense"
+        else:
+            smaller = [what for what, grows in (("V", Rp > R), ("M", Kp > K)) if grows]
+            fix = f"a pattern with a smaller {' and '.join(smaller)} pads less"
+        return f"shape {R}x{K} pads to {Rp}x{Kp} under {pattern} (over 25% padding); {fix}"
     return None
 
 
@@ -187,15 +219,20 @@ def find_layers(model: nn.Module, config: SparsifyConfig,
     lets it through (recovery training can train N:M masks, see :mod:`vnm.train`).
     """
     out = []
+    ties = _tied_names(model) if config.skip_heads else {}
     for name, module in model.named_modules():
         if not is_prunable(module):
             continue
         rep = LayerReport(name=name, shape=tuple(weight_matrix(module).shape), pattern=None)
         pattern = config.pattern_for(name)
         problem = None
+        tied = [n for n in ties.get(_storage_key(module.weight), []) if n != name + ".weight"]
         if (glob := next((g for g in config.skip if fnmatch.fnmatchcase(name, g)), None)) is not None:
             rep.skipped = (f"output head (default skip pattern '{glob}')" if glob in DEFAULT_SKIP
                            else f"matches config.skip pattern '{glob}'")
+        elif tied:
+            rep.skipped = (f"weight tied to {tied[0]} (sparsifying it would untie them; "
+                           "SparsifyConfig(skip_heads=False) sparsifies it anyway)")
         elif filter_fn is not None and not filter_fn(module, name):
             rep.skipped = "excluded by filter_fn"
         elif pattern is None:
@@ -211,6 +248,27 @@ def find_layers(model: nn.Module, config: SparsifyConfig,
                     name, rep.shape[0], rep.shape[1], rep.skipped)
         out.append(rep)
     return out
+
+
+def _storage_key(t: torch.Tensor):
+    """Where a tensor's memory lives (None for an empty tensor, or a tensor subclass without storage of its own)."""
+    if not t.numel():
+        return None
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _tied_names(model: nn.Module) -> Dict[object, List[str]]:
+    """Parameter names by storage: a weight with more than one name is tied (the same Parameter
+    object reached twice, or parameters sharing memory)."""
+    names: Dict[object, List[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        key = _storage_key(p)
+        if key is not None:
+            names.setdefault(key, []).append(n)
+    return {k: v for k, v in names.items() if len(v) > 1}
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -269,21 +327,22 @@ def _is_identity(perm: torch.Tensor) -> bool:
     return bool(torch.equal(perm, torch.arange(perm.numel(), dtype=perm.dtype)))
 
 
-def _plan_mlp(edge: MlpEdge, scores: _Scores, patterns: Dict[str, str], plans, config) -> None:
+def _plan_mlp(edge: MlpEdge, scores: _Scores, patterns: Dict[str, str], plans, config) -> Optional[torch.Tensor]:
     """One permutation of the hidden features for the producers' rows and the consumer's columns:
-    the better (by total kept score) of the consumer's column search and the producers' row search."""
+    the better (by total kept score) of the consumer's column search and the producers' row search.
+    Returns it (None: the identity stays)."""
     cons = edge.consumer
     prods = [p for p in edge.producers if p in patterns]
     s_cons = scores(cons)
 
     def total(perm):
         t = kept_score(s_cons[:, perm], patterns[cons])
-        return t + sum(kept_score(scores(p)[perm], patterns[p]) for p in prods)
+        return t + sum(kept_score(scores(p)[edge.producer_rows(perm)], patterns[p]) for p in prods)
 
     ident = torch.arange(s_cons.shape[1])
     candidates = [_search(s_cons, patterns[cons], config, config.permute_time_budget, permute_rows=False).col_perm]
     same = {patterns[p] for p in prods}
-    if prods and len(same) == 1 and as_pattern(next(iter(same))).M > 4:
+    if prods and not edge.packed and len(same) == 1 and as_pattern(next(iter(same))).M > 4:
         # The producers' row order sets which rows share a V-row block: search it on their scores
         # side by side (the same rows), columns fixed.
         stacked = torch.cat([scores(p) for p in prods], dim=1)
@@ -297,53 +356,174 @@ def _plan_mlp(edge: MlpEdge, scores: _Scores, patterns: Dict[str, str], plans, c
     if best is not None:
         plans[cons].col_perm = best
         for p in edge.producers:  # skipped producers are dense: they are permuted in place later
-            plans.setdefault(p, _Plan()).row_perm = best
+            plans.setdefault(p, _Plan()).row_perm = edge.producer_rows(best)
+    return best
 
 
-def _plan_heads(edge: HeadsEdge, scores: _Scores, patterns: Dict[str, str], plans, config) -> None:
+def _heads_perms(edge: HeadsEdge, value_perm: torch.Tensor, producer_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(producer row permutation, consumer column permutation) for a permutation of the value
+    features that maps each value head onto itself."""
+    start, end = edge.value_rows
+    d, group = edge.head_dim, edge.num_heads // edge.num_kv_heads
+    row_perm = torch.arange(producer_rows)
+    row_perm[start:end] = start + value_perm
+    col_perm = torch.cat([h * d + value_perm[(h // group) * d:(h // group + 1) * d] - (h // group) * d
+                          for h in range(edge.num_heads)])
+    return row_perm, col_perm
+
+
+def _plan_heads(edge: HeadsEdge, scores: _Scores, patterns: Dict[str, str], plans, config) -> Optional[torch.Tensor]:
     """A permutation of each value head's features, shared by the query heads that read it, found
-    on the output projection's columns of those heads stacked on top of each other."""
+    on the output projection's columns of those heads stacked on top of each other. Returns the
+    permutation of the value features (None: the identity stays)."""
     cons, d = edge.consumer, edge.head_dim
     s = scores(cons)
     if s.shape[1] != edge.num_heads * d:
-        return
+        return None
     group = edge.num_heads // edge.num_kv_heads
     if group == 1:
         # One value head per query head: a single search over the whole matrix with the columns
         # kept inside their head. It scores the real V x M blocks, which straddle heads when M does
         # not divide head_dim.
-        col_perm = _search(s, patterns[cons], config, config.permute_time_budget, permute_rows=False,
-                           col_segment=d).col_perm
-        value_perm = [col_perm[h * d:(h + 1) * d] for h in range(edge.num_heads)]
+        value_perm = _search(s, patterns[cons], config, config.permute_time_budget, permute_rows=False,
+                             col_segment=d).col_perm
     else:
         # Query heads sharing a value head need one permutation: search it on their columns stacked.
         budget = None if config.permute_time_budget is None else config.permute_time_budget / edge.num_kv_heads
-        col_perm = torch.arange(s.shape[1])
-        value_perm = []
+        parts = []
         for j in range(edge.num_kv_heads):
             heads = range(j * group, (j + 1) * group)
             stacked = torch.cat([s[:, h * d:(h + 1) * d] for h in heads], dim=0)
-            pi = _search(stacked, patterns[cons], config, budget, permute_rows=False).col_perm
-            for h in heads:
-                col_perm[h * d:(h + 1) * d] = h * d + pi
-            value_perm.append(j * d + pi)
-    if kept_score(s[:, col_perm], patterns[cons]) <= kept_score(s, patterns[cons]):
-        return
-    start, end = edge.value_rows
+            parts.append(j * d + _search(stacked, patterns[cons], config, budget, permute_rows=False).col_perm)
+        value_perm = torch.cat(parts)
     rows = weight_matrix(scores.model.get_submodule(edge.producer)).shape[0]
-    row_perm = torch.arange(rows)
-    row_perm[start:end] = start + torch.cat(value_perm)
+    row_perm, col_perm = _heads_perms(edge, value_perm, rows)
+    if kept_score(s[:, col_perm], patterns[cons]) <= kept_score(s, patterns[cons]):
+        return None
     plans[cons].col_perm = col_perm
     plans.setdefault(edge.producer, _Plan()).row_perm = row_perm
+    return value_perm
 
 
-def _plan_permutations(model, patterns, scores, config, mode) -> Dict[str, _Plan]:
+# ---- the edges, checked by running the model ---------------------------------------------------
+
+
+@torch.no_grad()
+def _apply_edge_(model: nn.Module, edge, perm: torch.Tensor) -> None:
+    """Permute the dense model in place along ``edge`` (``perm``: the hidden features of an MLP edge,
+    the value features of a heads edge): producers' rows, consumer's columns, parameters between."""
+    if isinstance(edge, MlpEdge):
+        rows, cols = edge.producer_rows(perm), perm
+        for p in edge.producers:
+            permute_linear_rows(model.get_submodule(p), rows)
+    else:
+        prod = model.get_submodule(edge.producer)
+        rows, cols = _heads_perms(edge, perm, weight_matrix(prod).shape[0])
+        permute_linear_rows(prod, rows)
+    permute_linear_cols(model.get_submodule(edge.consumer), cols)
+    for pp in edge.params:
+        param = model.get_parameter(pp.name) if _is_parameter(model, pp.name) else model.get_buffer(pp.name)
+        param.copy_(pp.permuted(param, perm))
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _edge_features(model: nn.Module, edge) -> int:
+    if isinstance(edge, MlpEdge):
+        return weight_matrix(model.get_submodule(edge.consumer)).shape[1]
+    return edge.value_rows[1] - edge.value_rows[0]
+
+
+def _random_edge_perm(model: nn.Module, edge, g: torch.Generator) -> torch.Tensor:
+    n = _edge_features(model, edge)
+    if isinstance(edge, MlpEdge):
+        return torch.randperm(n, generator=g)
+    d = edge.head_dim
+    return torch.cat([j * d + torch.randperm(d, generator=g) for j in range(n // d)])
+
+
+def _outputs(model: nn.Module, inputs) -> List[torch.Tensor]:
+    from .graph import output_tensors  # noqa: PLC0415
+
+    with torch.no_grad():
+        return [t.detach().clone() for t in output_tensors(run_model(model, inputs)) if t.dtype.is_floating_point]
+
+
+def _same_outputs(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
+    """Equal up to the rounding of a different summation order: a relative tolerance of 1e-4 of
+    each output's largest magnitude in float32 (1e-2 in 16-bit types). A wrong edge changes the
+    outputs by orders of magnitude more once the model's norms and scales are not trivial."""
+    for x, y in zip(a, b):
+        tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 1e-2
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        if x.shape != y.shape or not bool(((x.float() - y.float()).abs() <= tol * max(scale, 1e-30)).all()):
+            return False
+    return len(a) == len(b)
+
+
+def _verify_edges(model: nn.Module, edges: List[object], inputs, seed: int) -> Tuple[List[object], List[Refusal]]:
+    """The edges along which a random permutation of their kind leaves the model's outputs on
+    ``inputs`` unchanged, and the others refused. The model is restored exactly (permutations
+    only move values)."""
+    if not edges:
+        return [], []
+    was_training = model.training
+    model.eval()
+    try:
+        ref = _outputs(model, inputs)
+        g = torch.Generator().manual_seed(seed)
+        perms = [_random_edge_perm(model, e, g) for e in edges]
+
+        def run_with(chosen):
+            for e, p in chosen:
+                _apply_edge_(model, e, p)
+            try:
+                return _same_outputs(_outputs(model, inputs), ref)
+            finally:
+                for e, p in reversed(chosen):
+                    _apply_edge_(model, e, invert_permutation(p))
+
+        if run_with(list(zip(edges, perms))):
+            return edges, []
+        ok, refused = [], []
+        for e, p in zip(edges, perms):
+            if run_with([(e, p)]):
+                ok.append(e)
+            else:
+                refused.append(Refusal(e.consumer, list(e.producers),
+                                       "a random permutation along it changed the model's outputs"))
+        return ok, refused
+    finally:
+        model.train(was_training)
+
+
+def _trace_inputs(model: nn.Module, config: SparsifyConfig):
+    if config.example_inputs is not None:
+        batch = config.example_inputs
+    elif isinstance(config.calibration, (list, tuple)) and config.calibration:
+        batch = config.calibration[0]
+    else:
+        batch = example_inputs(model)
+    return None if batch is None else batch_to(batch, model_device(model))
+
+
+def _plan_permutations(model, patterns, scores, config, mode, edges) -> Tuple[Dict[str, _Plan], list]:
+    """Plans per layer, and the edges committed with their permutation (for the parameters)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     plans = {name: _Plan() for name in patterns}
-    edges = [e for e in find_edges(model) if e.consumer in patterns]
+    edges = [e for e in edges if e.consumer in patterns]
+    committed = []
     for edge in tqdm(edges, desc="permutation search (absorbed)", disable=not config.progress or not edges):
-        (_plan_mlp if isinstance(edge, MlpEdge) else _plan_heads)(edge, scores, patterns, plans, config)
+        perm = (_plan_mlp if isinstance(edge, MlpEdge) else _plan_heads)(edge, scores, patterns, plans, config)
+        if perm is not None:
+            committed.append((edge, perm))
     # Then each layer on its own: rows that no edge reordered are scattered back by the epilogue
     # (V:N:M with M > 4 only: under 2:4 every row keeps its own best, the row order changes
     # nothing); with mode 'all', the columns of layers fed by the residual stream are gathered.
@@ -366,7 +546,7 @@ def _plan_permutations(model, patterns, scores, config, mode) -> Dict[str, _Plan
             plan.row_perm, plan.row_scattered = res.row_perm, True
         if cols and not _is_identity(res.col_perm):
             plan.col_perm, plan.col_gathered = res.col_perm, True
-    return plans
+    return plans, committed
 
 
 def _permute_dense_rows_(module: nn.Module, perm: torch.Tensor) -> None:
@@ -390,6 +570,23 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
     config = config or SparsifyConfig()
     mode = config.permute_mode()
     layers = find_layers(model, config, filter_fn)
+    report = SparsifyReport(layers)
+    trace = None
+    inputs = _trace_inputs(model, config) if (mode or config.skip_heads) and any(
+        r.skipped is None for r in layers) else None
+    if inputs is not None:
+        try:
+            trace = trace_model(model, inputs)
+        except Exception as exc:  # noqa: BLE001 - any model the tracer cannot run: no edges, names only
+            log.log(logging.WARNING if mode else logging.INFO,
+                    "could not trace %s on the example inputs (%s: %s): no permutation edge is used and output "
+                    "heads are found by name only; pass SparsifyConfig(example_inputs=...) that the model's "
+                    "forward accepts", type(model).__name__, type(exc).__name__, exc)
+    if trace is not None and config.skip_heads:
+        for r in layers:
+            if r.skipped is None and r.name in trace.heads:
+                r.pattern, r.skipped = None, "output head (its output is a model output)"
+                log.info("%s (%dx%d) left dense: %s", r.name, r.shape[0], r.shape[1], r.skipped)
     chosen = [r for r in layers if r.skipped is None]
     if not chosen:
         done = sum(isinstance(m, VNMLinear) for m in model.modules())
@@ -407,12 +604,36 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
                                  "another dtype than the model cannot run in it; cast the model instead "
                                  f"(model.to({config.dtype})) and leave dtype unset")
     patterns = {r.name: r.pattern for r in chosen}
+    edges = []
+    if mode:
+        if trace is None:
+            log.warning("permute=%r without a traced forward pass: no edge is used (rows are scattered%s only); "
+                        "pass calibration batches as a list or SparsifyConfig(example_inputs=...)",
+                        config.permute, ", columns gathered" if mode == "all" else "")
+        else:
+            edges, refused = edges_from_trace(trace)
+            wanted = [e for e in edges if e.consumer in patterns]
+            checked, failed = _verify_edges(model, wanted, inputs, config.seed)
+            edges = checked
+            for r in refused + failed:
+                if r.consumer in patterns:
+                    report.refused_edges.append(str(r))
+                    log.log(logging.WARNING if r in failed else logging.INFO, "permutation edge refused: %s", r)
     scores = _Scores(model, config, patterns)
-    plans = _plan_permutations(model, patterns, scores, config, mode) if mode else {n: _Plan() for n in patterns}
+    plans, committed = (_plan_permutations(model, patterns, scores, config, mode, edges) if mode
+                        else ({n: _Plan() for n in patterns}, []))
 
+    by_name = {r.name: r for r in layers}
     for name, plan in plans.items():  # producers left dense still carry their row permutation
         if name not in patterns and plan.row_perm is not None:
             _permute_dense_rows_(model.get_submodule(name), plan.row_perm)
+            by_name[name].row_perm = plan.row_perm  # listed: the report shows every layer permuted
+    for edge, perm in committed:  # parameters between producers and consumer (a norm's weight and bias)
+        with torch.no_grad():
+            for pp in edge.params:
+                param = model.get_parameter(pp.name) if _is_parameter(model, pp.name) else model.get_buffer(pp.name)
+                param.copy_(pp.permuted(param, perm))
+                report.permuted_parameters[pp.name] = edge.consumer
     for rep in tqdm(chosen, desc="sparsify", disable=not config.progress):
         module = model.get_submodule(rep.name)
         plan = plans[rep.name]
@@ -439,7 +660,7 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
         layer = VNMLinear.from_tensor(w, bias)
         rep.storage_ratio = layer.nbytes / (weight.numel() * weight.element_size())
         _set_module(model, rep.name, layer)
-    return SparsifyReport(layers)
+    return report
 
 
 def original_order_weight(layer: VNMLinear, rep: LayerReport) -> torch.Tensor:
