@@ -223,3 +223,19 @@ def test_training_merge_produces_vnm_weights(gen):
         assert isinstance(m, VNMLinear) and isinstance(m.weight, VNMWeight)
     x = torch.randn(4, 32, generator=gen)
     assert model(x).shape == (4, 32)
+
+
+def test_accelerate_can_rebuild_the_parameter(permuted_layer, gen):
+    """accelerate moves a parameter by rebuilding it through its class (set_module_tensor_to_device)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    layer, _ = permuted_layer
+    x = torch.randn(3, 48, generator=gen)
+    before = layer(x)
+    set_module_tensor_to_device(layer, "weight", "cpu", value=layer.weight.clone())
+    assert isinstance(layer.weight, VNMWeight) and isinstance(layer.weight, nn.Parameter)
+    assert torch.equal(layer(x), before)
+    with pytest.raises(TypeError, match="not from a dense Tensor"):
+        VNMWeight(torch.zeros(40, 48))
+    with pytest.raises(ValueError, match="frozen"):
+        VNMWeight(layer.weight, requires_grad=True)

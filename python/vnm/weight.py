@@ -63,15 +63,29 @@ class VNMWeight(torch.Tensor):
     packed_kidx: Optional[torch.Tensor]
 
     @staticmethod
-    def __new__(cls, arrays: Dict[str, Optional[torch.Tensor]], pattern_text: str, R: int, K: int,
-                transposed: bool = False):
+    def __new__(cls, arrays, pattern_text: str = "", R: int = 0, K: int = 0, transposed: bool = False,
+                requires_grad: bool = False):
+        if isinstance(arrays, torch.Tensor):
+            # VNMWeight(w, requires_grad=False): re-wrap as a frozen parameter, the way
+            # nn.Parameter(w) does (accelerate rebuilds a parameter through its class).
+            if not isinstance(arrays, VNMWeight):
+                raise TypeError("a VNMWeight is built from V:N:M storage (VNMWeight.from_vnm_tensor), not from a "
+                                f"dense {type(arrays).__name__}: to load weights into a VNMLinear use vnm.load or "
+                                "load_state_dict with its values/meta/columns")
+            if requires_grad:
+                raise ValueError("a VNMWeight is frozen (requires_grad=False): train adapters (PEFT) or use vnm.train")
+            out = arrays._with(lambda t: t)
+            out._is_param = True
+            return out
         values = arrays["values"]
         shape = (K, R) if transposed else (R, K)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=values.dtype, device=values.device,
                                                    requires_grad=False)
 
-    def __init__(self, arrays: Dict[str, Optional[torch.Tensor]], pattern_text: str, R: int, K: int,
-                 transposed: bool = False):
+    def __init__(self, arrays, pattern_text: str = "", R: int = 0, K: int = 0, transposed: bool = False,
+                 requires_grad: bool = False):
+        if isinstance(arrays, torch.Tensor):
+            return  # the re-wrap of __new__, already built
         for name in _STORAGE + _PACKED:
             setattr(self, name, arrays.get(name))
         self.pattern_text, self.R, self.K, self.transposed = pattern_text, int(R), int(K), bool(transposed)
