@@ -14,8 +14,12 @@ def test_from_linear_matches_masked_dense(gen):
     expected = x @ (lin.weight * mask).T + lin.bias
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert torch.equal(layer.dense_weight(), torch.where(mask, lin.weight.detach(), torch.zeros(())))
-    # only compressed storage is held: no dense weight parameter or buffer
-    assert not any(t.numel() >= 80 * 96 for t in list(layer.parameters()) + list(layer.buffers()))
+    # only compressed storage is held: the weight parameter is a VNMWeight (its numel is the logical
+    # 80 x 96) whose inner tensors, like every state dict entry, are all smaller than the dense weight
+    assert isinstance(layer.weight, vnm.VNMWeight) and isinstance(layer, nn.Linear)
+    inner = [getattr(layer.weight, n) for n in layer.weight.__tensor_flatten__()[0]]
+    assert all(type(t) is torch.Tensor for t in inner)
+    assert not any(t.numel() >= 80 * 96 for t in inner + list(layer.state_dict().values()) + list(layer.buffers()))
 
 
 def test_from_linear_with_perm_computes_the_same_function(gen):

@@ -697,5 +697,35 @@ NB_MODULE(_C, m) {
 #else
   build["cuda_compiler"] = "";
 #endif
+  // What the kernels were built for (CMake's list, see CMakeLists.txt): empty lists on a CPU build.
+  auto split = [](const char* text) {
+    nb::list out;
+    std::string item;
+    for (const char* c = text;; ++c) {
+      if (*c == ',' || *c == '\0') {
+        if (!item.empty()) out.append(nb::str(item.c_str()));
+        item.clear();
+        if (*c == '\0') break;
+      } else {
+        item += *c;
+      }
+    }
+    return out;
+  };
+#ifdef VNM_WITH_CUDA
+  build["cuda_archs"] = split(VNM_CUDA_ARCHS);    // as given to CMake, e.g. 80-real, 90
+  build["cuda_sass"] = split(VNM_CUDA_SASS);      // machine code carried: sm_80, ...
+  build["cuda_ptx"] = split(VNM_CUDA_PTX);        // PTX carried (JIT-compiled on newer GPUs)
+  build["cuda_sources"] = split(VNM_CUDA_SOURCES);
+  build["cuda_version"] = VNM_CUDA_VERSION;
+  build["cudart"] = "static";
+#else
+  build["cuda_archs"] = split("");
+  build["cuda_sass"] = split("");
+  build["cuda_ptx"] = split("");
+  build["cuda_sources"] = split("");
+  build["cuda_version"] = "";
+  build["cudart"] = "";
+#endif
   m.attr("build_info") = build;
 }

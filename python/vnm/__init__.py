@@ -1,7 +1,8 @@
 """vnm: V:N:M sparse transformers on NVIDIA GPUs.
 
 - Format: :class:`Pattern`, :func:`select_mask`, :func:`check_mask`, :class:`VNMTensor`,
-  :func:`spmm` (the CUDA kernel layout and its ops are in :mod:`vnm.cuda_ops`).
+  :func:`spmm` (the CUDA kernel layout and its ops are in :mod:`vnm.cuda_ops`); :class:`VNMWeight`,
+  the sparse weight as a ``torch.Tensor``.
 - Pruning: :func:`calibrate`, :func:`calibrate_sequential`, :mod:`vnm.scores`,
   :func:`compute_masks`, :func:`choose_pattern`, :func:`report`.
 - Permutations: :func:`search_permutation` and the zero-cost helpers (:mod:`vnm.permute`).
@@ -38,13 +39,14 @@ from .pruning import apply_masks_, compute_masks, kept_fraction, layer_scores
 from .reports import KeptReport, report
 from .sparsify import SparsifyConfig, SparsifyReport, sparsify
 from .tensor import VNMTensor
+from .weight import VNMWeight
 from . import train  # after the modules it builds on
 from .train import SRSTEConfig, ThreeStageConfig, prepare_lora, prepare_srste, train_srste, train_three_stage
 
 __all__ = [
     "CUDA_BUILT", "Calibration", "ChannelStats", "KeptReport", "Pattern", "PatternChoice",
     "PermutationResult", "SRSTEConfig", "SparsifyConfig", "SparsifyReport", "SpeedupTable",
-    "ThreeStageConfig", "VNMLinear", "VNMTensor", "__version__", "apply_masks_", "as_pattern", "calibrate",
+    "ThreeStageConfig", "VNMLinear", "VNMTensor", "VNMWeight", "__version__", "apply_masks_", "as_pattern", "calibrate",
     "calibrate_sequential", "check_mask", "choose_pattern", "compute_masks", "cuda_ops", "invert_permutation",
     "is_head_preserving", "is_valid_mask", "kept_fraction", "kept_score", "layer_scores", "load",
     "log_mask_diversity", "model_speedup", "nn", "permute_attention_values", "permute_between",

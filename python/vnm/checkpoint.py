@@ -151,7 +151,7 @@ def load(path: Union[str, os.PathLike], model_or_config) -> nn.Module:
             raise ValueError(f"{path}: layer {name!r} is {shape[0]}x{shape[1]} in the checkpoint but "
                              f"{expected[0]}x{expected[1]} in the model")
         dtype = _dtype(path, name, info.get("dtype"))
-        model_dtype = dense.values.dtype if isinstance(dense, VNMLinear) else dense.weight.dtype
+        model_dtype = dense.weight.dtype  # a VNMLinear's weight (a VNMWeight) answers dtype too
         if dtype != model_dtype:
             raise ValueError(f"{path}: layer {name!r} is {_name(dtype)} in the checkpoint but {_name(model_dtype)} "
                              f"in the model: build the model in {_name(dtype)} (from_pretrained(..., "

@@ -237,9 +237,15 @@ def cmd_eval(args) -> int:
 # ---- bench ----------------------------------------------------------------------------------
 
 def module_bytes(model) -> int:
-    """Bytes of parameters and buffers (shared tensors counted once)."""
+    """Bytes of parameters and buffers (shared tensors counted once); a sparse weight
+    (:class:`vnm.VNMWeight`) counts its canonical arrays, the packed copy is in :func:`held_bytes`."""
+    from .weight import VNMWeight  # noqa: PLC0415
+
     seen, total = set(), 0
+    tensors = []
     for t in list(model.parameters()) + list(model.buffers()):
+        tensors.extend(t.vnm.arrays().values() if isinstance(t, VNMWeight) else [t])
+    for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)

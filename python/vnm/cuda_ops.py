@@ -31,9 +31,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._checks import DTYPE_CODES, raw_bits, require_tensor
+from ._checks import DTYPE_CODES, check_spmm_inputs, raw_bits, require_tensor
 from ._native import CUDA_BUILT, _C
-from .ops import check_spmm_inputs
 from .pattern import Pattern, PatternLike, as_pattern, require_compressible
 from .tensor import VNMTensor, check_perm, storage_shapes
 

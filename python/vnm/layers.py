@@ -14,6 +14,8 @@ from typing import Any, Callable, Dict, Iterable, Union
 import torch
 from torch import nn
 
+from .weight import VNMWeight
+
 # A predicate takes (module, name), as vnm.sparsify's filter_fn and torchao's filter_fn do.
 LayerFilter = Union[None, Iterable[str], Callable[[nn.Module, str], bool]]
 
@@ -26,10 +28,18 @@ def _conv1d_type():
     return Conv1D
 
 
+def is_sparse(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer already in V:N:M storage (its weight a
+    :class:`vnm.weight.VNMWeight`, as in :class:`vnm.VNMLinear`)."""
+    return isinstance(getattr(module, "weight", None), VNMWeight)
+
+
 def is_prunable(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    """Whether ``module`` is a dense ``nn.Linear`` or a GPT-2 ``Conv1D`` (a sparse layer, though an
+    ``nn.Linear``, has nothing left to prune)."""
     conv1d = _conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return (isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))) and \
+        not is_sparse(module)
 
 
 def is_transposed(module: nn.Module) -> bool:
@@ -41,6 +51,9 @@ def is_transposed(module: nn.Module) -> bool:
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as an R x K view (output x input features); a transposed view for
     ``Conv1D``. Writing into the view writes the layer's weight."""
+    if is_sparse(module):
+        raise TypeError(f"this {type(module).__name__} is already sparse (V:N:M storage): its dense weight is "
+                        "module.weight.to_dense(); prune the dense model instead")
     if not is_prunable(module):
         raise TypeError(f"expected an nn.Linear or transformers Conv1D, got {type(module).__name__}")
     w = module.weight
@@ -106,5 +119,5 @@ def run_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-__all__ = ["is_prunable", "is_transposed", "weight_matrix", "in_features", "prunable_layers", "LayerFilter",
+__all__ = ["is_prunable", "is_sparse", "is_transposed", "weight_matrix", "in_features", "prunable_layers", "LayerFilter",
            "model_device", "batch_to", "run_model"]

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import DTYPE_CODES, dtype_code, raw_bits, require_tensor
+from . import cuda_ops
+from ._checks import DTYPE_CODES, check_spmm_inputs, raw_bits
 from ._native import _C
 from .pattern import Pattern
 from .tensor import VNMTensor
@@ -54,8 +55,6 @@ def _spmm_op(
     if n == 0:
         return y
     if x.device.type == "cuda":
-        from . import cuda_ops  # noqa: PLC0415
-
         return cuda_ops.spmm_cuda(x, values, meta, columns, perm, row_perm, bias, pattern, R, K, y)
     _C.spmm(
         Pattern.parse(pattern), R, K, DTYPE_CODES[x.dtype], raw_bits(values), meta.contiguous(),
@@ -114,8 +113,6 @@ def spmm(w: VNMTensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     if x2.device.type == "cuda":
-        from . import cuda_ops  # noqa: PLC0415
-
         cuda_ops._require_kernel_dtype(x2.dtype, "x")
         cuda_ops._require_cuda_build()
         p = cuda_ops.packed_for(w)
@@ -124,29 +121,6 @@ def spmm(w: VNMTensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
     else:
         y = _spmm_op(x2, w.values, w.meta, w.columns, w.perm, w.row_perm, bias, w.pattern_text, R, K)
     return y.reshape(*lead, R)
-
-
-def check_spmm_inputs(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], R: int, K: int) -> None:
-    """The checks on what a user passes to a sparse product (x, bias) against an R x K weight whose
-    values are ``values``. Plain torch attribute reads: traceable by ``torch.compile``."""
-    require_tensor(x, "x")
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(
-            f"x has shape {tuple(x.shape)}: its last dimension must be K={K} (the weight's input features)"
-        )
-    dtype_code(x.dtype, "x")
-    if x.dtype != values.dtype:
-        raise TypeError(f"x is {x.dtype} but the weight is {values.dtype}; cast x with x.to({values.dtype})")
-    if x.device != values.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {values.device}; move one with .to()")
-    if bias is not None:
-        require_tensor(bias, "bias")
-        if tuple(bias.shape) != (R,):
-            raise ValueError(f"bias must have shape ({R},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}; cast it with bias.to({x.dtype})")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 
 
 def spmm_storage(
