@@ -7,8 +7,8 @@ family (MLP, gated MLP, packed gate/up, heads with GQA, fused QKV). timm's ViT a
 block are in test_timm.py (CI's timm environment) and test_sparsify_permute.py.
 
 About 5 minutes on 2 loaded cores; the 2:4 half is marked slow (``-m "not slow"`` runs 64:2:8 only).
-T5 fails after sparsify until sparse layers have ``module.weight`` (its feed-forward reads
-``self.wo.weight``): those cases are strict xfails that turn into passes when that lands."""
+T5's feed-forward reads ``self.wo.weight.dtype``: it runs because a sparse layer's ``weight`` is a
+:class:`vnm.VNMWeight` (docs/sparse_weight.md)."""
 
 import copy
 
@@ -37,13 +37,8 @@ HEADS = {
     "whisper": {"proj_out": "weight tied to model.decoder.embed_tokens.weight"},
 }
 
-T5_NEEDS_WEIGHT = pytest.mark.xfail(
-    strict=True, raises=AttributeError,
-    reason="T5's feed-forward reads self.wo.weight: needs module.weight on sparse layers (i15weight)")
-
-
 def _family_params():
-    return [pytest.param(f, marks=T5_NEEDS_WEIGHT) if f == "t5" else f for f in sorted(FAMILIES)]
+    return sorted(FAMILIES)
 
 
 def outputs(model, inputs):
