@@ -567,3 +567,29 @@ def test_ctrl_c_from_outside_during_prune(tiny_pruned, tmp_path):
     complete = assert_complete_or_absent(out)
     assert (proc.returncode, complete) in ((130, False), (0, True)), first + err
     assert "Traceback" not in err
+
+
+def test_demo_searches_permutations_by_rounds_so_two_runs_agree():
+    """`vnm demo` stops each permutation search by a round limit, not a clock, and that search
+    gives the same sparse model twice (the full demo is checked the same way by hand: README)."""
+    import copy
+
+    from _models import output_tensor, tiny_llama
+
+    from vnm import SparsifyConfig, sparsify
+    from vnm.cli import DEMO_ROUNDS, build_parser, demo_search_limits
+
+    assert demo_search_limits(build_parser().parse_args(["demo"])) == (None, DEMO_ROUNDS)
+    assert demo_search_limits(build_parser().parse_args(["demo", "--rounds", "7"])) == (None, 7)
+    assert demo_search_limits(build_parser().parse_args(["demo", "--time-budget", "1"])) == (1.0, None)
+    dense, inputs = tiny_llama()
+    outputs, states = [], []
+    for _ in range(2):
+        model = copy.deepcopy(dense)
+        sparsify(model, SparsifyConfig(pattern="16:2:8", permute=True, permute_time_budget=None,
+                                       permute_max_rounds=DEMO_ROUNDS, progress=False))
+        with torch.no_grad():
+            outputs.append(output_tensor(model(**inputs)))
+        states.append(model.state_dict())
+    assert torch.equal(outputs[0], outputs[1])
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])

