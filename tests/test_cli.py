@@ -41,6 +41,7 @@ def pruned_minilm(tmp_path_factory):
     return out, run("prune", "minilm", "--pattern", "64:2:8", "--score", "magnitude", "--out", out)
 
 
+@pytest.mark.slow
 def test_prune_eval_bench_minilm(pruned_minilm):
     out, p = pruned_minilm
     assert "36 layers sparsified, 1 left dense" in p.stdout
@@ -54,6 +55,7 @@ def test_prune_eval_bench_minilm(pruned_minilm):
     assert float(lines["sparse"][1]) < float(lines["dense"][1])  # params + buffers MiB
 
 
+@pytest.mark.slow
 def test_prune_and_eval_a_causal_lm_folder(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -135,6 +137,7 @@ def tiny_llama_folder(tmp_path, tok):
     return save_folder(LlamaForCausalLM(cfg), tok, tmp_path / "tiny-llama")
 
 
+@pytest.mark.slow
 def test_causal_lm_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     tok = minilm_tokenizer(pad=False, eos="[SEP]")
     src = tiny_llama_folder(tmp_path, tok)
@@ -146,6 +149,7 @@ def test_causal_lm_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     assert "sparse" in p.stdout
 
 
+@pytest.mark.slow
 def test_tokenizer_without_pad_or_eos_token_is_a_clear_error(tmp_path):
     src = tiny_llama_folder(tmp_path, minilm_tokenizer(pad=False, eos=None))
     p = run("prune", src, "--pattern", "16:2:8", "--score", "wanda", "--calib", calib_file(tmp_path),
@@ -154,6 +158,7 @@ def test_tokenizer_without_pad_or_eos_token_is_a_clear_error(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_gpt2_keeps_its_lm_head_dense_and_is_evaluated_by_perplexity(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -174,6 +179,7 @@ def test_gpt2_keeps_its_lm_head_dense_and_is_evaluated_by_perplexity(tmp_path):
     assert "perplexity: dense" in p.stdout
 
 
+@pytest.mark.slow
 def test_text_classifier_accuracy_on_labelled_texts(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -215,6 +221,7 @@ def test_text_classifier_accuracy_on_labelled_texts(tmp_path):
     assert p.returncode == 2 and "unknown label 'neutral'; the model's labels are negative, positive" in p.stderr
 
 
+@pytest.mark.slow
 def test_labels_on_a_model_without_classes_is_a_clear_error(pruned_minilm, tmp_path):
     out, _ = pruned_minilm
     labelled = tmp_path / "labelled.tsv"
@@ -223,6 +230,7 @@ def test_labels_on_a_model_without_classes_is_a_clear_error(pruned_minilm, tmp_p
     assert p.returncode == 2 and "--labels needs a sequence classification model" in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_image_classifier_prunes_by_magnitude_benches_on_random_pixels(tmp_path):
     from _models import tiny_vit
 
@@ -242,6 +250,7 @@ def test_image_classifier_prunes_by_magnitude_benches_on_random_pixels(tmp_path)
     assert float(lines["sparse"][1]) < float(lines["dense"][1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_bench_on_cuda_without_cuda_is_a_clear_error(pruned_minilm):
     out, _ = pruned_minilm
@@ -472,6 +481,7 @@ def test_overwrite_replaces_an_existing_output_folder(tiny_pruned, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_prune_records_the_bundled_model_by_package_name_and_checks_it(pruned_minilm):
     import json
 

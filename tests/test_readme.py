@@ -13,6 +13,7 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     blocks = python_blocks()
     assert len(blocks) >= 2, "README lost its Python examples"
