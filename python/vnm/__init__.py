@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib as _importlib
+import importlib.util as _importlib_util
 import sys as _sys
 import types as _types
 
@@ -77,7 +78,9 @@ class _Package(_types.ModuleType):
     _importing = False
 
     def __getattr__(self, name: str):
-        if name in _SUBMODULES:  # vnm.nn and the like: that module alone, as an import of it does
+        if name in _SUBMODULES or (name not in __all__ and not name.startswith("__")
+                                   and _importlib_util.find_spec(f"{__name__}.{name}") is not None):
+            # vnm.nn, vnm.checkpoint...: that module alone, as `from vnm import checkpoint` imports it
             return _importlib.import_module(f"{__name__}.{name}")
         if name not in __all__ or _Package._loaded or _Package._importing:
             raise AttributeError(f"module 'vnm' has no attribute {name!r}")
