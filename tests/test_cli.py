@@ -76,6 +76,7 @@ def test_prune_and_eval_a_causal_lm_folder(tmp_path):
     assert "perplexity: dense" in p.stdout
 
 
+@pytest.mark.slow
 def test_demo_layer_small():
     p = run("demo-layer", "--rows", "256", "--cols", "96", "--tokens", "3")
     for pattern in ("2:4", "64:2:5", "64:2:8"):
@@ -90,6 +91,7 @@ def test_demo_writes_table_and_plot(tmp_path):
     assert len(rows) >= 3  # dense, and 64:2:8 with and without permutation
 
 
+@pytest.mark.slow
 def test_user_errors_are_reported_not_tracebacks(tmp_path):
     p = run("prune", tmp_path / "nothing", "--out", tmp_path / "o", ok=False)
     assert p.returncode != 0 and "nor a local Hugging Face model folder" in p.stderr
@@ -579,6 +581,7 @@ def test_ctrl_c_from_outside_during_prune(tiny_pruned, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_demo_searches_permutations_by_rounds_so_two_runs_agree():
     """`vnm demo` stops each permutation search by a round limit, not a clock, and that search
     gives the same sparse model twice (the full demo is checked the same way by hand: README)."""
