@@ -82,6 +82,7 @@ def assert_matches_stored(st, x, bins):
     assert torch.allclose(st.entropy.double(), torch.tensor(ref_h, dtype=torch.float64), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_bert_stats_equal_stored_activations_and_skip_padding(gen):
     model = tiny_bert()
     batches = padded_batches(gen)
@@ -161,6 +162,7 @@ def block_names(model, i):
     return [n for n in vnm.prunable_layers(model) if n.startswith(prefix)]
 
 
+@pytest.mark.slow
 def test_sequential_without_pruning_equals_one_pass_calibration(gen):
     model = tiny_llama()
     batches = llama_batches(gen)
@@ -176,6 +178,7 @@ def test_sequential_without_pruning_equals_one_pass_calibration(gen):
             int((seq[n].histogram - full[n].histogram).abs().sum()) <= 2
 
 
+@pytest.mark.slow
 def test_sequential_blocks_see_the_pruned_outputs_of_earlier_blocks(gen):
     model = tiny_llama()
     dense = copy.deepcopy(model)

@@ -1,6 +1,8 @@
 """Corrupt or mismatched checkpoints raise a clear error and load nothing half-way."""
 
 import copy
+import os
+import stat
 import json
 
 import pytest
@@ -253,3 +255,70 @@ def test_wrong_bias_names_the_file_and_layer(tmp_path):
     with pytest.raises(ValueError, match=r"b.safetensors: layer '0': bias must have shape \(64,\), got \(60,\)"):
         vnm.load(path, target)
     assert_untouched(target)
+
+
+# ---- file handling: a folder is refused, a failed save leaves nothing, the file gets a normal mode ----
+
+def _sparse_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    vnm.sparsify(model, SparsifyConfig(pattern="16:2:8", progress=False))
+    return model
+
+
+def test_save_into_a_folder_is_refused_and_writes_nothing(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a folder: vnm.save writes a checkpoint file, such as .*"
+                                                r"model.vnm.safetensors"):
+        vnm.save(_sparse_linear(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_from_a_folder_names_the_file_to_pass(tmp_path):
+    path = vnm.save(_sparse_linear(), tmp_path / "m.safetensors")
+    with pytest.raises(IsADirectoryError, match=r"is a folder: vnm.load reads a checkpoint file, such as .*m.safetensors"):
+        vnm.load(tmp_path, _sparse_linear())
+    with pytest.raises(FileNotFoundError):
+        vnm.load(tmp_path / "missing.safetensors", _sparse_linear())
+    assert path.is_file()
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_a_failed_save_leaves_the_old_file_and_no_stray_file(tmp_path, monkeypatch, failure):
+    import safetensors.torch
+
+    model = _sparse_linear()
+    path = vnm.save(model, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    real = safetensors.torch.save_file
+
+    def write_then_fail(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # a complete file under the temporary name...
+        raise failure("interrupted")  # ...then Ctrl-C or a full disk before the rename
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write_then_fail)
+    with pytest.raises(failure):
+        vnm.save(model, path)
+    with pytest.raises(failure):
+        vnm.save(model, tmp_path / "new.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_gets_the_mode_of_a_new_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = vnm.save(_sparse_linear(), tmp_path / "m.safetensors")
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_config_of_another_model_than_the_recorded_class_is_refused(saved):
+    from transformers import GPT2Config
+
+    path, _, _ = saved
+    with pytest.raises(ValueError, match=r"model class LlamaForCausalLM takes a LlamaConfig, but the config is a "
+                                         r"GPT2Config"):
+        vnm.load(path, GPT2Config(n_embd=64, n_layer=1, n_head=4))

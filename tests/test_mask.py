@@ -41,6 +41,7 @@ def test_select_equals_literal_enumeration_on_tiny_matrices(R, K, pattern, gen):
     assert kept(scores, mask) == pytest.approx(literal_best(scores, pattern), rel=1e-6)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     R=st.integers(1, 70),
@@ -48,6 +49,7 @@ def test_select_equals_literal_enumeration_on_tiny_matrices(R, K, pattern, gen):
     pattern=st.sampled_from(VNM_PATTERNS),
     seed=st.integers(0, 2**31 - 1),
 )
+@pytest.mark.slow
 def test_vnm_select_is_valid_and_optimal(R, K, pattern, seed):
     p = vnm.Pattern.parse(pattern)
     scores = torch.rand(R, K, generator=torch.Generator().manual_seed(seed))
@@ -72,6 +74,7 @@ def test_nm_select_keeps_top_n_per_group(R, K, pattern, seed):
         assert torch.all(mask[:, c0 : c0 + p.M].sum(1) == min(p.N, width))
 
 
+@pytest.mark.slow
 def test_large_m_uses_exact_search(gen):
     # M = 32: 35960 column sets per block; branch and bound must still find the optimum.
     scores = torch.rand(16, 64, generator=gen) ** 3
@@ -146,10 +149,12 @@ def tied_scores(R, K, seed, high=2):
     return torch.randint(0, high + 1, (R, K), generator=torch.Generator().manual_seed(seed)).float()
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None)
 @given(V=st.sampled_from([16, 32]), M=st.integers(4, 16), data=st.data(),
        backend=st.sampled_from(["native", "torch"]), high=st.sampled_from([1, 2]),
        seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_vnm_select_equals_brute_force_per_block_on_tied_integers(V, M, data, backend, high, seed):
     # R and K range over multiples and non-multiples of V and M, below them included.
     R = data.draw(st.integers(1, 2 * V + 5), label="R")
@@ -162,9 +167,11 @@ def test_vnm_select_equals_brute_force_per_block_on_tied_integers(V, M, data, ba
     assert torch.equal(mask, ref_mask)  # and the documented tie rule
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(M=st.sampled_from([20, 24, 32]), R=st.integers(1, 40), K=st.integers(1, 70),
        high=st.sampled_from([1, 2, 5]), seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_vnm_select_large_m_equals_brute_force_on_tied_integers(M, R, K, high, seed):
     # The branch and bound's pruning (per-row and marginal-gain bounds) with many exact ties.
     scores = tied_scores(R, K, seed, high)
@@ -186,6 +193,7 @@ def test_nm_select_equals_brute_force_on_tied_integers(M, data, backend, seed):
     assert torch.equal(mask, reference_nm(scores, N, M))
 
 
+@pytest.mark.slow
 def test_exact_on_close_column_sets_at_large_m(gen):
     # Continuous scores with near ties: the C++ search (with its float-slack gain bound) must find
     # the same float32 maximum as scoring every one of the C(32, 4) sets with the same sums (the
@@ -232,6 +240,7 @@ def test_float64_scores_are_selected_as_float32(gen):
             vnm.select_mask(big, "16:2:8", backend=backend)
 
 
+@pytest.mark.slow
 def test_nm_with_huge_m_does_not_allocate_by_m():
     # N:M allows any M; a 4 x 4 matrix at 1:100000000 is one group of 4 per row. Sizing anything
     # by M would take hundreds of MB (per thread); run in a fresh process to see its peak memory.

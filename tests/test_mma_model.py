@@ -627,6 +627,7 @@ def test_spmm_packed_on_cpu_matches_reference_and_has_gradients(dtype, gen):
     assert rel_err(bf.grad, go.double().sum((0, 1))) < 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_extras", [False, True])
 def test_opcheck_packed_ops_on_cpu(with_extras, gen):
     t, _, _, _ = _make("16:2:5", 48, 40, torch.float16, gen, perm=with_extras, rows=with_extras)

@@ -65,6 +65,7 @@ def test_family_sparsify_forward_save_load(family, tmp_path):
     assert module_bytes(loaded) < module_bytes(dense)
 
 
+@pytest.mark.slow
 def test_minilm_sparsified_matches_masked_dense_and_saves_less(tmp_path):
     from vnm.models import load_minilm
 

@@ -227,6 +227,7 @@ def test_progress_callable_can_stop_a_tall_search_inside_its_row_phase(gen):
     assert res.kept >= res.kept_identity and is_permutation(res.row_perm, 16384)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("progress", [False, True])
 def test_ctrl_c_stops_a_tall_search_with_keyboard_interrupt(progress, gen):
     # Ctrl-C in Python sets a flag that the interpreter acts on at its next bytecode; the search

@@ -78,6 +78,7 @@ def test_kept_fraction():
     assert vnm.kept_fraction(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
 
 
+@pytest.mark.slow
 def test_report_numbers_table_and_plot(gen, tmp_path):
     model = TwoLayer()
     stats = calibrate(model, inputs(gen), entropy_bins=None, progress=False)

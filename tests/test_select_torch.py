@@ -16,6 +16,7 @@ def kept(scores, mask):
     return float((scores.double() * mask).sum())
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(R=st.integers(1, 70), K=st.integers(1, 40), pattern=st.sampled_from(VNM_PATTERNS),
        seed=st.integers(0, 2**31 - 1))

@@ -158,6 +158,7 @@ def test_mask_regulariser_is_added_in_the_dynamic_stage_only(gen):
             assert r["loss"] == pytest.approx(r["distill"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_dense_stage_warns_when_distillation_alone_has_nothing_to_train(gen):
     batches = regression_batches(gen)
 
@@ -251,6 +252,7 @@ def test_dynamic_stage_selects_the_best_valid_mask_of_the_merged_weight(gen, pat
     assert len(schedule_checks) == 3 * 2  # 3 selections (steps 2, 4, 6) x 2 layers
 
 
+@pytest.mark.slow
 def test_merged_lora_model_equals_trained_model_and_round_trips(gen, tmp_path):
     model = tiny_mlp()
     teacher = copy.deepcopy(model)

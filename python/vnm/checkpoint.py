@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Dict, Union
 
@@ -49,6 +50,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     path = Path(path)
+    _check_file_path(path, "vnm.save writes")
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, VNMLinear):
@@ -72,16 +74,41 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
                    "model_class": type(model).__name__, "layers": layers,
                    "tied": tied, "sha256": _digest(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(description)})
-    os.replace(tmp, path)  # never leave a half-written checkpoint under the final name
+    # Written under a temporary name in the same folder, then renamed: an error or Ctrl-C leaves
+    # the old file (or none) under ``path`` and no temporary file behind.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(tensors, tmp_name, metadata={_META_KEY: json.dumps(description)})
+        # mkstemp and safetensors create files readable by their owner only (0600); a checkpoint
+        # gets the mode any new file in the folder gets (0644 under the usual umask 022).
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it back at once
+    os.umask(mask)
+    return mask
+
+
+def _check_file_path(path: Path, doing: str) -> None:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        raise IsADirectoryError(f"{path} is a folder: {doing} a checkpoint file, such as "
+                                f"{path / (inside[0] if inside else 'model.vnm.safetensors')}")
 
 
 def read_description(path: Union[str, os.PathLike]) -> dict:
     """The JSON description of a vnm checkpoint (``ValueError`` if it is not one)."""
     from safetensors import safe_open  # noqa: PLC0415
 
+    _check_file_path(Path(path), "vnm.load reads")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -249,5 +276,10 @@ def _model_from(model_or_config, desc: dict, path) -> nn.Module:
         if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
             raise ValueError(f"the checkpoint's model class {model_class!r} is not a transformers model class; "
                              "pass the model itself instead of its config")
+        expected = getattr(cls, "config_class", None)
+        if isinstance(expected, type) and not isinstance(model_or_config, expected):
+            raise ValueError(f"{path}: the checkpoint's model class {model_class} takes a {expected.__name__}, but the "
+                             f"config is a {type(model_or_config).__name__}: the checkpoint's metadata was edited or "
+                             "the config belongs to another model; pass the model itself instead of its config")
         return cls._from_config(model_or_config, dtype=_recorded_dtype(path, desc)).eval()
     raise TypeError(f"model_or_config must be an nn.Module or a transformers config, got {type(model_or_config).__name__}")
