@@ -20,6 +20,7 @@ from .checkpoint import load, save
 from .choose import PatternChoice, SpeedupTable, choose_pattern, log_mask_diversity, model_speedup
 from .layers import prunable_layers, weight_matrix
 from .mask import check_mask, is_valid_mask, select_mask
+from .obs import obs_prune, prune_sequential
 from .nn import VNMLinear
 from .ops import spmm
 from .pattern import Pattern, as_pattern
@@ -42,6 +43,8 @@ from . import train  # after the modules it builds on
 from .train import SRSTEConfig, ThreeStageConfig, prepare_lora, prepare_srste, train_srste, train_three_stage
 
 __all__ = [
+    "obs_prune",
+    "prune_sequential",
     "CUDA_BUILT", "Calibration", "ChannelStats", "KeptReport", "Pattern", "PatternChoice",
     "PermutationResult", "SRSTEConfig", "SparsifyConfig", "SparsifyReport", "SpeedupTable",
     "ThreeStageConfig", "VNMLinear", "VNMTensor", "__version__", "apply_masks_", "as_pattern", "calibrate",

@@ -34,6 +34,7 @@ from .graph import HeadsEdge, MlpEdge, find_edges
 from .layers import is_prunable, weight_matrix
 from .mask import select_mask
 from .nn import VNMLinear
+from .obs import is_obs_method
 from .pattern import Pattern, PatternLike, as_pattern
 from .permute import kept_score, search_permutation
 from .tensor import VNMTensor
@@ -54,8 +55,10 @@ class SparsifyConfig:
 
     pattern: one pattern for every layer ('64:2:8'), or a mapping from module-name globs to
         patterns (first match wins; layers matching none are skipped).
-    score: 'magnitude', 'wanda', 'ria', 'entropy' (see :mod:`vnm.scores`) or a callable
-        ``(weight, stats, *, layer) -> scores``.
+    score: 'magnitude', 'wanda', 'ria', 'entropy', 'obs' (see :mod:`vnm.scores`) or a callable
+        ``(weight, stats, *, layer) -> scores``; or 'sparsegpt', the second-order pruner that also
+        updates the kept weights, run block by block (:func:`vnm.obs.prune_sequential`; permutations
+        are searched on its saliency, block by block).
     calibration: batches (dicts of model inputs, tensors or tuples) run through the model to
         collect input statistics, needed by every score but magnitude.
     permute: False; 'free' (only permutations a neighbouring layer absorbs: MLP up/gate rows into
@@ -233,7 +236,8 @@ class _Scores:
             from .calibration import calibrate  # noqa: PLC0415
 
             self.stats = calibrate(model, config.calibration, layers=list(names), progress=config.progress,
-                                   entropy_bins=128 if config.score == "entropy" else None)
+                                   entropy_bins=128 if config.score == "entropy" else None,
+                                   hessian=not callable(config.score) and config.score in scores_mod.NEEDS_HESSIAN)
         self._cache: Dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -378,6 +382,37 @@ def _permute_dense_rows_(module: nn.Module, perm: torch.Tensor) -> None:
             module.bias.copy_(module.bias[perm.to(module.bias.device)])
 
 
+class _FixedScores:
+    """Scores given per layer (the planners' interface: ``scores(name)``, ``scores.model``)."""
+
+    def __init__(self, model: nn.Module, scores: Dict[str, torch.Tensor]):
+        self.model, self.scores = model, scores
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.scores[name]
+
+
+def _sparsegpt_prune_(model, patterns: Dict[str, str], config: SparsifyConfig, mode: Optional[str]):
+    """score='sparsegpt': prune and update the weights in place block by block (vnm.obs), planning
+    each block's permutations on its OBS saliency. Returns (scores, plans, masks) for sparsify's
+    loop, which then stores the updated weights under the masks found in the sweep."""
+    from .obs import prune_sequential  # noqa: PLC0415
+
+    if config.calibration is None:
+        raise ValueError("score 'sparsegpt' needs calibration batches: pass SparsifyConfig(calibration=...) "
+                         "(e.g. vnm.models.token_batches(tokenizer, texts))")
+    plans: Dict[str, _Plan] = {n: _Plan() for n in patterns}
+
+    def plan_block(block_patterns, saliency):
+        block_plans = _plan_permutations(model, block_patterns, _FixedScores(model, saliency), config, mode)
+        plans.update(block_plans)
+        return block_plans
+
+    result = prune_sequential(model, config.calibration, patterns, plan_fn=plan_block if mode else None,
+                              progress=config.progress)
+    return _FixedScores(model, result.saliency), plans, result.masks
+
+
 def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> SparsifyReport:
     """Replace the chosen linear layers of ``model`` (in place) with :class:`VNMLinear`.
@@ -407,8 +442,12 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
                                  "another dtype than the model cannot run in it; cast the model instead "
                                  f"(model.to({config.dtype})) and leave dtype unset")
     patterns = {r.name: r.pattern for r in chosen}
-    scores = _Scores(model, config, patterns)
-    plans = _plan_permutations(model, patterns, scores, config, mode) if mode else {n: _Plan() for n in patterns}
+    masks = None
+    if is_obs_method(config.score):
+        scores, plans, masks = _sparsegpt_prune_(model, patterns, config, mode)
+    else:
+        scores = _Scores(model, config, patterns)
+        plans = _plan_permutations(model, patterns, scores, config, mode) if mode else {n: _Plan() for n in patterns}
 
     for name, plan in plans.items():  # producers left dense still carry their row permutation
         if name not in patterns and plan.row_perm is not None:
@@ -429,7 +468,7 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
         if plan.col_perm is not None:
             weight = weight[:, plan.col_perm.to(weight.device)]
         sp = _permuted(s, plan)
-        mask = select_mask(sp, rep.pattern)
+        mask = select_mask(sp, rep.pattern) if masks is None else _permuted(masks[rep.name], plan)
         rep.kept_importance = float((sp.double() * mask).sum() / sp.double().sum().clamp_min(1e-300))
         rep.row_perm, rep.col_perm = plan.row_perm, plan.col_perm
         rep.row_scattered, rep.col_gathered = plan.row_scattered, plan.col_gathered
