@@ -186,7 +186,7 @@ def minilm_rows(args):
     calib = models.token_batches(tok, calib_text[:256])
     ref = models.embed(dense, tok, heldout)
     for method in ("sparsegpt", "wanda"):
-        for pattern in ("2:4", "64:2:5", "64:2:8"):
+        for pattern in [p for p in args.patterns if vnm.Pattern.parse(p).compressible]:
             for permute in (False, True):
                 model = copy.deepcopy(dense)
                 t = time.time()

@@ -17,7 +17,8 @@ so after column j the free set is always F = {j+1, ..., K-1}; the rows ``[H_F^-1
 j at once are the rows of the upper Cholesky factor U of H^-1 (``H^-1 = U^T U``) scaled by
 ``1 / U_jj``, so one Cholesky gives every update. Columns go through in blocks of ``block_size``
 (a multiple of M) whose updates are applied to the columns to the right in one product (the lazy
-batch update; same result, fewer passes over W).
+batch update; same result, fewer passes over W); inside a block the same is done per group of M
+columns (column by column within the group, the rest of the block once per group).
 
 The mask is chosen inside the sweep. When the sweep reaches the first column of a group of M
 columns, the group's saliency ``w_ij^2 / U_jj^2`` (with the row's weights as updated so far) is
@@ -178,30 +179,35 @@ def obs_prune(
     U = U.to(device=device, dtype=torch.float32)
     d = torch.diagonal(U)
     keep = torch.ones(R, K, dtype=torch.bool, device=device)
-    loss = 0.0
+    zero = torch.zeros((), dtype=W.dtype, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         W1 = W[:, b0:b1].clone()
         U1 = U[b0:b1, b0:b1]
         d1 = d[b0:b1]
         Err1 = torch.zeros_like(W1)
-        for i in range(b1 - b0):
-            if i % group == 0:  # a new group: its mask, from the saliency of the weights as updated so far
-                g1 = min(i + group, b1 - b0)
-                saliency = W1[:, i:g1].pow(2) / d1[i:g1].pow(2)[None, :]
-                keep[:, b0 + i:b0 + g1] = _choose_group_mask(saliency, p, sparsity, unstructured)
-            w = W1[:, i]
-            q = torch.where(keep[:, b0 + i], w, torch.zeros((), dtype=w.dtype, device=device))
-            err = (w - q) / d1[i]
-            loss += float(err.pow(2).sum())
-            if update:
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
+        for g0 in range(0, b1 - b0, group):
+            g1 = min(g0 + group, b1 - b0)
+            # The group's mask, from the saliency of its weights as updated so far.
+            saliency = W1[:, g0:g1].pow(2) / d1[g0:g1].pow(2)[None, :]
+            keep[:, b0 + g0:b0 + g1] = _choose_group_mask(saliency, p, sparsity, unstructured)
+            group_keep = keep[:, b0 + g0:b0 + g1]
+            for i in range(g0, g1):
+                w = W1[:, i]
+                q = torch.where(group_keep[:, i - g0], w, zero)
+                err = (w - q) / d1[i]
+                if update:  # within the group column by column; the rest of the block once per group
+                    W1[:, i:g1] -= err[:, None] * U1[i, i:g1][None, :]
+                W1[:, i] = q
+                Err1[:, i] = err
+            if update and g1 < b1 - b0:
+                W1[:, g1:] -= Err1[:, g0:g1] @ U1[g0:g1, g1:]
+        loss += Err1.double().pow(2).sum()
         W[:, b0:b1] = W1
         if update and b1 < K:
             W[:, b1:] -= Err1 @ U[b0:b1, b1:]
-    return ObsResult(W.to(weight.dtype), keep, loss / 2)
+    return ObsResult(W.to(weight.dtype), keep, float(loss) / 2)
 
 
 # ---- a whole model, block by block --------------------------------------------------------------
