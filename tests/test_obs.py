@@ -277,6 +277,19 @@ def test_prune_sequential_masks_and_lora_start(gen):
         assert layer.is_sparse and torch.equal(layer.mask, res.masks[n])
 
 
+def test_prepare_lora_masks_must_cover_every_wrapped_layer_and_fit_the_pattern(gen):
+    from vnm.train import prepare_lora
+
+    model = tiny_llama()
+    name = "model.layers.0.mlp.down_proj"
+    with pytest.raises(ValueError, match=r"masks has no entry for 'model.layers.0.self_attn.q_proj'"):
+        prepare_lora(model, "2:4", masks={name: torch.ones(64, 128, dtype=torch.bool)})
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")]
+    dense_masks = {n: torch.ones_like(vnm.weight_matrix(model.get_submodule(n)), dtype=torch.bool) for n in names}
+    with pytest.raises(ValueError):
+        prepare_lora(tiny_llama(), "2:4", masks=dense_masks)  # an all-ones mask is not 2:4
+
+
 def test_prune_sequential_rejects_layers_outside_blocks(gen):
     model = tiny_llama()
     with pytest.raises(ValueError, match="outside the transformer blocks.*skip"):

@@ -72,7 +72,7 @@ def prune_model(source, pattern: str, score: str, permute, calib: List[str], dty
                              f"(vnm.sparsify(model, vnm.SparsifyConfig(score={score!r}, calibration=[{{"
                              f"'{model.main_input_name}': images}}, ...])))")
         # Causal LMs calibrate on windows of the joined text (as the LLM pruning papers do), others on sentences.
-        calibration = (text_windows(tok, calib, calib_windows, calib_len) if model_task(model) == "causal-lm"
+        calibration = (text_windows(tok, calib, calib_windows, calib_len, allow_fewer=True) if model_task(model) == "causal-lm"
                        else token_batches(tok, calib))
     config = SparsifyConfig(pattern=pattern, score=score, permute=permute, permute_time_budget=time_budget,
                             calibration=calibration, progress=progress)
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'all' (the default when the flag is given) also gathered input permutations")
     p.add_argument("--time-budget", type=float, default=2.0, help="seconds of permutation search per layer")
     p.add_argument("--calib", help="text file, one calibration text per line (default: English text shipped with Python)")
-    p.add_argument("--calib-windows", type=int, default=64, help="causal LMs: calibration windows (default 64)")
+    p.add_argument("--calib-windows", type=int, default=64, help="causal LMs: calibration windows, at most (default 64; fewer when the text is shorter)")
     p.add_argument("--calib-len", type=int, default=256, help="causal LMs: tokens per calibration window (default 256)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", required=True, help="output folder (config, tokenizer, compressed weights)")

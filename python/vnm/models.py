@@ -199,15 +199,24 @@ def token_batches(tokenizer, sentences: Sequence[str], batch_size: int = 32, max
     ]
 
 
-def text_windows(tokenizer, texts: Sequence[str], count: int, length: int, separator: str = "\n"):
+def text_windows(tokenizer, texts: Sequence[str], count: int, length: int, separator: str = "\n",
+                 allow_fewer: bool = False):
     """Calibration batches for a causal LM, the way the LLM pruning papers take them: the texts
     joined (by ``separator``) and tokenized once, then ``count`` consecutive windows of ``length``
     tokens, one per batch (``{"input_ids": 1 x length, "attention_mask": ones}``). ``ValueError``
-    when the text holds fewer than ``count * length`` tokens (it names how many windows fit)."""
+    when the text holds fewer than ``count * length`` tokens (it names how many windows fit), unless
+    ``allow_fewer``: then as many windows as fit (one window of the whole text if it is shorter
+    than ``length``)."""
     ids = tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if count < 1 or length < 2:
         raise ValueError(f"count must be >= 1 and length >= 2, got count={count}, length={length}")
     fit = ids.numel() // length
+    if allow_fewer and fit < count:
+        if fit == 0:
+            if ids.numel() < 2:
+                raise ValueError(f"the calibration text has {ids.numel()} token(s); give more text")
+            length, fit = ids.numel(), 1
+        count = fit
     if fit < count:
         raise ValueError(f"the calibration text has {ids.numel()} tokens: {fit} windows of {length} fit, {count} were "
                          "asked for; give more text or fewer / shorter windows")
