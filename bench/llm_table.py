@@ -185,9 +185,9 @@ def minilm_rows(args):
     calib_text, heldout = data.english_sentences("train"), data.english_sentences("heldout")
     calib = models.token_batches(tok, calib_text[:256])
     ref = models.embed(dense, tok, heldout)
-    for method in ("sparsegpt", "wanda"):
+    for method in [m for m in args.methods if m != "magnitude"]:
         for pattern in [p for p in args.patterns if vnm.Pattern.parse(p).compressible]:
-            for permute in (False, True):
+            for permute in args.permute:
                 model = copy.deepcopy(dense)
                 t = time.time()
                 report = vnm.sparsify(model, vnm.SparsifyConfig(pattern=pattern, score=method, calibration=calib,
