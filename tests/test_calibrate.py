@@ -102,7 +102,7 @@ def test_bert_stats_equal_stored_activations_and_skip_padding(gen):
 def test_gpt2_conv1d_layers_are_calibrated_along_their_input_dimension(gen):
     model = tiny_gpt2()
     batches = padded_batches(gen, n_batches=2)
-    stats = calibrate(model, batches, entropy_bins=8, progress=False)
+    stats = calibrate(model, batches, entropy_bins=8, progress=False, hessian=True)
     conv = dict(model.named_modules())["h.0.attn.c_attn"]
     assert type(conv).__name__ == "Conv1D"
     assert tuple(vnm.weight_matrix(conv).shape) == (96, 32)  # R x K view of the K x R storage
@@ -351,3 +351,25 @@ def test_histogram_counts_promote_to_int64_beyond_int32(gen):
     acc.count = 2**31  # as if that many tokens had been seen: a bin could overflow int32
     acc.start_histogram(8)
     assert acc.histogram.dtype == torch.int64
+
+
+def test_hessian_is_the_gram_matrix_of_the_real_tokens(gen):
+    """hessian=True: 2 X^T X / n over the unpadded tokens, per layer, Conv1D included; sequential
+    calibration hands it to prune_fn and drops it afterwards."""
+    model = tiny_gpt2()
+    batches = padded_batches(gen, n_batches=2)
+    names = ["h.0.attn.c_attn", "h.1.mlp.c_proj"]
+    stats = calibrate(model, batches, layers=names, entropy_bins=None, progress=False, hessian=True)
+    ref = stored_inputs(model, batches, names)
+    for n in names:
+        x = ref[n].reshape(-1, stats[n].K)
+        torch.testing.assert_close(stats[n].hessian, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert calibrate(model, batches, layers=names, entropy_bins=None, progress=False)[names[0]].hessian is None
+    seen = {}
+
+    def prune_fn(block, st):
+        seen.update({n: s.hessian is not None for n, s in st.items()})
+
+    seq = calibrate_sequential(model, batches, model.h, prune_fn, entropy_bins=None, progress=False, hessian=True)
+    assert seen and all(seen.values())
+    assert all(s.gram is None for s in seq.values())

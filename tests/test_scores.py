@@ -77,11 +77,11 @@ def test_scores_are_float32_nonnegative_and_selectable(name, gen):
 
 
 def test_registry():
-    assert scores.names() == ["magnitude", "wanda", "ria", "entropy"]
+    assert scores.names() == ["magnitude", "wanda", "ria", "entropy", "obs"]
     assert scores.get("Wanda") is scores.wanda
     assert scores.get(scores.ria) is scores.ria
-    with pytest.raises(ValueError, match="unknown score 'obs'; available: magnitude, wanda, ria, entropy"):
-        scores.get("obs")
+    with pytest.raises(ValueError, match="unknown score 'sparsegpt'; available: magnitude, wanda, ria, entropy, obs"):
+        scores.get("sparsegpt")
 
 
 @pytest.mark.parametrize("name", ["wanda", "ria", "entropy"])

@@ -25,8 +25,8 @@ __all__ = [
     "ThreeStageConfig", "VNMLinear", "VNMTensor", "VNMWeight", "__version__", "apply_masks_", "as_pattern", "calibrate",
     "calibrate_sequential", "check_mask", "choose_pattern", "compute_masks", "cuda_ops", "invert_permutation",
     "is_head_preserving", "is_valid_mask", "kept_fraction", "kept_score", "layer_scores", "load",
-    "log_mask_diversity", "model_speedup", "nn", "permute_attention_values", "permute_between",
-    "permute_linear_cols", "permute_linear_rows", "prepare_lora", "prepare_srste", "prunable_layers",
+    "log_mask_diversity", "model_speedup", "nn", "obs_prune", "permute_attention_values", "permute_between",
+    "permute_linear_cols", "permute_linear_rows", "prepare_lora", "prepare_srste", "prunable_layers", "prune_sequential",
     "report", "save", "scores", "search_permutation", "select_mask", "sparsify", "spmm", "train",
     "train_srste", "train_three_stage", "weight_matrix",
 ]
@@ -45,6 +45,7 @@ def _import_api() -> None:
     from .choose import PatternChoice, SpeedupTable, choose_pattern, log_mask_diversity, model_speedup
     from .layers import prunable_layers, weight_matrix
     from .mask import check_mask, is_valid_mask, select_mask
+    from .obs import obs_prune, prune_sequential
     from .nn import VNMLinear
     from .ops import spmm
     from .pattern import Pattern, as_pattern

@@ -60,6 +60,7 @@ outputs of the blocks before it *after* they were pruned (as Wanda and SparseGPT
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class ChannelStats:
     minimum: torch.Tensor
     maximum: torch.Tensor
     histogram: Optional[torch.Tensor] = None
+    gram: Optional[torch.Tensor] = None
 
     @property
     def K(self) -> int:
@@ -109,6 +111,15 @@ class ChannelStats:
         return None if self.histogram is None else int(self.histogram.shape[1])
 
     @property
+    def hessian(self) -> Optional[torch.Tensor]:
+        """``2 X^T X / count`` (K, K) float64, the Hessian of the layer's squared output error
+        ``||X W^T - X W'^T||^2 / count`` in each row of W' (what SparseGPT prunes against);
+        ``None`` unless calibrated with ``hessian=True``."""
+        if self.gram is None:
+            return None
+        return self.gram * (2.0 / max(self.count, 1))
+
+    @property
     def entropy(self) -> Optional[torch.Tensor]:
         """Shannon entropy in nats of each channel's histogram (K,), float32; ``None`` without a
         histogram. A constant channel (one occupied bin) has entropy 0; the maximum is ln(bins)."""
@@ -120,7 +131,8 @@ class ChannelStats:
 
     def __repr__(self) -> str:
         hist = f", histogram {self.bins} bins" if self.histogram is not None else ""
-        return f"ChannelStats({self.name!r}, K={self.K}, count={self.count}{hist})"
+        gram = ", X^T X" if self.gram is not None else ""
+        return f"ChannelStats({self.name!r}, K={self.K}, count={self.count}{hist}{gram})"
 
 
 class Calibration(Mapping):
@@ -174,8 +186,10 @@ _INT32_MAX = 2**31 - 1
 class _Accumulator:
     """Running statistics of one layer's inputs. Pass 1: count, sums, range. Pass 2: histogram."""
 
-    def __init__(self, name: str, K: int, chunk_values: int = HISTOGRAM_CHUNK_VALUES):
+    def __init__(self, name: str, K: int, chunk_values: int = HISTOGRAM_CHUNK_VALUES, gram: bool = False):
         self.name, self.K = name, K
+        self.want_gram = gram
+        self.gram = None
         self.count = 0
         self.sum = self.sumsq = self.minimum = self.maximum = None
         self.histogram = None
@@ -202,6 +216,10 @@ class _Accumulator:
             )
         s = x.sum(0, dtype=torch.float64)
         sq = (x * x).sum(0, dtype=torch.float64)
+        if self.want_gram:
+            # One float32 product per batch (BLAS speed), summed over batches in float64.
+            g = (x.T @ x).double()
+            self.gram = g if self.gram is None else self.gram.add_(g)
         lo, hi = x.amin(0), x.amax(0)
         if self.sum is None:
             self.sum, self.sumsq, self.minimum, self.maximum = s, sq, lo, hi
@@ -243,10 +261,12 @@ class _Accumulator:
         if self.sum is None:  # the layer never ran: zero statistics, noticed by the scores
             z64 = torch.zeros(self.K, dtype=torch.float64)
             z32 = torch.zeros(self.K)
-            return ChannelStats(self.name, 0, z64, z64.clone(), z32, z32.clone(), None)
+            gram = torch.zeros(self.K, self.K, dtype=torch.float64) if self.want_gram else None
+            return ChannelStats(self.name, 0, z64, z64.clone(), z32, z32.clone(), None, gram)
         return ChannelStats(
             self.name, self.count, self.sum.cpu(), self.sumsq.cpu(), self.minimum.cpu(), self.maximum.cpu(),
             None if self.histogram is None else self.histogram.cpu(),
+            None if self.gram is None else self.gram,
         )
 
 
@@ -448,6 +468,7 @@ def calibrate(
     entropy_bins: Optional[int] = DEFAULT_ENTROPY_BINS,
     token_mask: Optional[TokenMaskFn] = None,
     progress: bool = True,
+    hessian: bool = False,
 ) -> Calibration:
     """Input-channel statistics of the model's prunable layers over ``batches``.
 
@@ -462,7 +483,10 @@ def calibrate(
     are not mappings (a DataLoader over a TensorDataset yields lists: ``token_mask=lambda b: b[1]``).
     Which mask each layer gets, and the warning for token batches without one: see the module
     documentation. The model runs in eval mode without gradients and without a KV cache; its
-    training mode is restored afterwards.
+    training mode is restored afterwards. ``hessian=True`` also accumulates each layer's
+    ``X^T X`` (K x K, float64, on the model's device; :attr:`ChannelStats.hessian`), which the
+    second-order pruner :mod:`vnm.obs` needs: K^2 numbers per layer, so for deep models prefer
+    :func:`calibrate_sequential`, which holds one block's at a time.
 
     Returns a :class:`Calibration` (``stats[name].l2`` etc.; see the module documentation).
     """
@@ -472,7 +496,7 @@ def calibrate(
         raise ValueError("the model has no nn.Linear / Conv1D layers to calibrate (or the `layers` filter matched none)")
     batches = _reiterable(batches)
     device = model_device(model)
-    accs = {name: _Accumulator(name, in_features(m)) for name, m in modules.items()}
+    accs = {name: _Accumulator(name, in_features(m), gram=hessian) for name, m in modules.items()}
     read_masks = _MaskReader(token_mask)
     router, encoder = _router_for(model, modules)
     passes = [("calibrate: norms", None)] + ([("calibrate: entropy histograms", entropy_bins)] if entropy_bins else [])
@@ -576,6 +600,7 @@ def calibrate_sequential(
     entropy_bins: Optional[int] = DEFAULT_ENTROPY_BINS,
     token_mask: Optional[TokenMaskFn] = None,
     progress: bool = True,
+    hessian: bool = False,
 ) -> Calibration:
     """Calibrate (and prune) a deep model block by block.
 
@@ -595,6 +620,10 @@ def calibrate_sequential(
     Layers outside ``blocks`` (embeddings, LM head) are not calibrated. Token masks
     (``token_mask``, padding, encoder-decoder models) work as in :func:`calibrate`. Returns the
     statistics of every block's layers.
+
+    ``hessian=True`` gives ``prune_fn`` each layer's ``X^T X`` as well (:attr:`ChannelStats.hessian`,
+    what :func:`vnm.obs.obs_prune` reads); it is dropped once ``prune_fn`` returns, so at most one
+    block's worth is held (and the returned statistics carry none).
     """
     _check_bins(entropy_bins)
     blocks = list(blocks)
@@ -618,7 +647,7 @@ def calibrate_sequential(
         for prefix, block in zip(prefixes, blocks):
             local = prunable_layers(block)
             modules = {(f"{prefix}.{n}" if prefix else n): m for n, m in local.items()}
-            accs = {name: _Accumulator(name, in_features(m)) for name, m in modules.items()}
+            accs = {name: _Accumulator(name, in_features(m), gram=hessian) for name, m in modules.items()}
             router, _ = _router_for(model, modules)
             passes = [None] + ([entropy_bins] if entropy_bins and modules else [])
             outputs: List[torch.Tensor] = []
@@ -634,10 +663,12 @@ def calibrate_sequential(
                             outputs.append(out)
                     router.clear()
             block_stats = Calibration({n: a.result() for n, a in accs.items()}, len(batches), entropy_bins)
-            all_stats.update(block_stats._stats)
+            del accs
             if prune_fn is not None:
                 prune_fn(block, block_stats)
                 outputs = [_block_output(block(*args, **kw)) for args, kw, _, _ in inputs]
+            all_stats.update({n: dataclasses.replace(st, gram=None) for n, st in block_stats.items()})
+            del block_stats
             inputs = [(*_with_hidden(args, kw, out), masks, enc)
                       for (args, kw, masks, enc), out in zip(inputs, outputs)]
             bar.update(1)

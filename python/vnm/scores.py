@@ -16,7 +16,12 @@ name            S_ij                                                            
 ``wanda``       |W_ij| * ||X_j||_2                                              Sun et al. 2023
 ``ria``         (|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||_2^a   Zhang et al. 2024
 ``entropy``     |W_ij| * (H_j + alpha * rms(X_j))        [reconstruction]       Li et al. 2023
+``obs``         W_ij^2 / [H_F^-1]_jj  (mask only; see :mod:`vnm.obs`)           Frantar 2023
 ==============  ==============================================================  ===============
+
+``obs`` needs the layer's Hessian (``vnm.calibrate(..., hessian=True)``). It is the mask-only
+form of the second-order pruner ``vnm.sparsify(..., SparsifyConfig(score='sparsegpt'))``, which
+also updates the kept weights (:func:`vnm.obs.obs_prune`).
 
 Within one layer these scores are only compared with each other, so a positive factor common to
 the whole layer (e.g. Wanda's reference code divides the squared norm by the number of
@@ -167,15 +172,33 @@ def entropy(weight: torch.Tensor, stats: Optional[ChannelStats], *, alpha: float
     return w.abs() * channel[None, :]
 
 
+def obs(weight: torch.Tensor, stats: Optional[ChannelStats], *, dampening: float = 0.01,
+        layer: Optional[str] = None) -> torch.Tensor:
+    """The optimal-brain-surgeon saliency without weight updates, S_ij = W_ij^2 / U_jj^2 with U the
+    upper Cholesky factor of the dampened inverse Hessian (:func:`vnm.obs.obs_saliency`).
+    ``select_mask`` of it is the mask :func:`vnm.obs.obs_prune` chooses with ``update=False``."""
+    from .obs import obs_saliency  # noqa: PLC0415
+
+    w = _check_weight(weight, layer)
+    st = _require_stats("obs", stats, w, layer)
+    if st.hessian is None:
+        raise ValueError(f"score 'obs' needs the input Hessian of {_where(layer, st)}: calibrate with "
+                         "vnm.calibrate(model, batches, hessian=True)")
+    return obs_saliency(w, st.hessian, dampening, layer).to(w.device)
+
+
 _REGISTRY: Dict[str, Score] = {
     "magnitude": magnitude,
     "wanda": wanda,
     "ria": ria,
     "entropy": entropy,
+    "obs": obs,
 }
 
 # Scores that read input statistics (all but magnitude).
-NEEDS_STATS = frozenset({"wanda", "ria", "entropy"})
+NEEDS_STATS = frozenset({"wanda", "ria", "entropy", "obs"})
+# Scores that read the input Hessian (calibrate with hessian=True).
+NEEDS_HESSIAN = frozenset({"obs"})
 
 
 def names() -> List[str]:
@@ -200,4 +223,5 @@ def needs_stats(name) -> bool:
     return not isinstance(name, str) or name.lower() in NEEDS_STATS
 
 
-__all__ = ["magnitude", "wanda", "ria", "entropy", "get", "names", "needs_stats", "NEEDS_STATS"]
+__all__ = ["magnitude", "wanda", "ria", "entropy", "obs", "get", "names", "needs_stats", "NEEDS_STATS",
+           "NEEDS_HESSIAN"]

@@ -39,6 +39,7 @@ from .graph import HeadsEdge, MlpEdge, Refusal, edges_from_trace, example_inputs
 from .layers import batch_to, is_prunable, model_device, run_model, weight_matrix
 from .mask import select_mask
 from .nn import VNMLinear
+from .obs import is_obs_method
 from .pattern import Pattern, PatternLike, as_pattern
 from .permute import invert_permutation, kept_score, permute_linear_cols, permute_linear_rows, search_permutation
 from .tensor import VNMTensor
@@ -59,8 +60,10 @@ class SparsifyConfig:
 
     pattern: one pattern for every layer ('64:2:8'), or a mapping from module-name globs to
         patterns (first match wins; layers matching none are skipped).
-    score: 'magnitude', 'wanda', 'ria', 'entropy' (see :mod:`vnm.scores`) or a callable
-        ``(weight, stats, *, layer) -> scores``.
+    score: 'magnitude', 'wanda', 'ria', 'entropy', 'obs' (see :mod:`vnm.scores`) or a callable
+        ``(weight, stats, *, layer) -> scores``; or 'sparsegpt', the second-order pruner that also
+        updates the kept weights, run block by block (:func:`vnm.obs.prune_sequential`; permutations
+        are searched on its saliency, block by block).
     calibration: batches (dicts of model inputs, tensors or tuples) run through the model to
         collect input statistics, needed by every score but magnitude.
     permute: False; 'free' (only permutations a neighbouring layer absorbs: MLP up/gate rows into
@@ -291,7 +294,8 @@ class _Scores:
             from .calibration import calibrate  # noqa: PLC0415
 
             self.stats = calibrate(model, config.calibration, layers=list(names), progress=config.progress,
-                                   entropy_bins=128 if config.score == "entropy" else None)
+                                   entropy_bins=128 if config.score == "entropy" else None,
+                                   hessian=not callable(config.score) and config.score in scores_mod.NEEDS_HESSIAN)
         self._cache: Dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -558,6 +562,41 @@ def _permute_dense_rows_(module: nn.Module, perm: torch.Tensor) -> None:
             module.bias.copy_(module.bias[perm.to(module.bias.device)])
 
 
+class _FixedScores:
+    """Scores given per layer (the planners' interface: ``scores(name)``, ``scores.model``)."""
+
+    def __init__(self, model: nn.Module, scores: Dict[str, torch.Tensor]):
+        self.model, self.scores = model, scores
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.scores[name]
+
+
+def _sparsegpt_prune_(model, patterns: Dict[str, str], config: SparsifyConfig, mode: Optional[str], edges: list):
+    """score='sparsegpt': prune and update the weights in place block by block (vnm.obs), planning
+    each block's permutations on its OBS saliency along the verified ``edges``. Returns (scores,
+    plans, masks, committed edges) for sparsify's loop, which then stores the updated weights under
+    the masks found in the sweep (in the layers' own order: the plans are applied there)."""
+    from .obs import prune_sequential  # noqa: PLC0415
+
+    if config.calibration is None:
+        raise ValueError("score 'sparsegpt' needs calibration batches: pass SparsifyConfig(calibration=...) "
+                         "(e.g. vnm.models.token_batches(tokenizer, texts))")
+    plans: Dict[str, _Plan] = {n: _Plan() for n in patterns}
+    committed: list = []
+
+    def plan_block(block_patterns, saliency):
+        block_plans, block_committed = _plan_permutations(model, block_patterns, _FixedScores(model, saliency),
+                                                          config, mode, edges)
+        plans.update(block_plans)
+        committed.extend(block_committed)
+        return block_plans
+
+    result = prune_sequential(model, config.calibration, patterns, plan_fn=plan_block if mode else None,
+                              progress=config.progress)
+    return _FixedScores(model, result.saliency), plans, result.masks, committed
+
+
 def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> SparsifyReport:
     """Replace the chosen linear layers of ``model`` (in place) with :class:`VNMLinear`.
@@ -619,9 +658,13 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
                 if r.consumer in patterns:
                     report.refused_edges.append(str(r))
                     log.log(logging.WARNING if r in failed else logging.INFO, "permutation edge refused: %s", r)
-    scores = _Scores(model, config, patterns)
-    plans, committed = (_plan_permutations(model, patterns, scores, config, mode, edges) if mode
-                        else ({n: _Plan() for n in patterns}, []))
+    masks = None
+    if is_obs_method(config.score):
+        scores, plans, masks, committed = _sparsegpt_prune_(model, patterns, config, mode, edges)
+    else:
+        scores = _Scores(model, config, patterns)
+        plans, committed = (_plan_permutations(model, patterns, scores, config, mode, edges) if mode
+                            else ({n: _Plan() for n in patterns}, []))
 
     by_name = {r.name: r for r in layers}
     for name, plan in plans.items():  # producers left dense still carry their row permutation
@@ -650,7 +693,7 @@ def sparsify(model: nn.Module, config: Optional[SparsifyConfig] = None,
         if plan.col_perm is not None:
             weight = weight[:, plan.col_perm.to(weight.device)]
         sp = _permuted(s, plan)
-        mask = select_mask(sp, rep.pattern)
+        mask = select_mask(sp, rep.pattern) if masks is None else _permuted(masks[rep.name], plan)
         rep.kept_importance = float((sp.double() * mask).sum() / sp.double().sum().clamp_min(1e-300))
         rep.row_perm, rep.col_perm = plan.row_perm, plan.col_perm
         rep.row_scattered, rep.col_gathered = plan.row_scattered, plan.col_gathered

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mask import select_mask
+from ..mask import check_mask, select_mask
 from ..pattern import Pattern, PatternLike, as_pattern
 from ..sparsify import DEFAULT_SKIP, _set_module
 from .layers import MaskScore, PatternSpec, choose_layers, frozen_copy, linear_parts, select_scores
@@ -181,7 +181,8 @@ class LoRASparseLinear(nn.Module):
 
 def prepare_lora(model: nn.Module, pattern: PatternSpec = "64:2:8", rank: int = 8, alpha: float = 16.0,
                  skip: Sequence[str] = DEFAULT_SKIP, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
-                 train_bias: bool = False, freeze: bool = True) -> List[str]:
+                 train_bias: bool = False, freeze: bool = True,
+                 masks: Optional[Dict[str, torch.Tensor]] = None) -> List[str]:
     """Replace the linear layers of ``model`` (in place) with :class:`LoRASparseLinear`.
 
     Layers are chosen as :func:`vnm.sparsify` chooses them (``pattern`` is one pattern or a
@@ -189,13 +190,30 @@ def prepare_lora(model: nn.Module, pattern: PatternSpec = "64:2:8", rank: int = 
     With ``freeze`` (the LoRA setting) every other parameter of the model stops training: only
     the LoRA factors (and with ``train_bias`` the wrapped biases) train; unfreeze others by hand
     (e.g. a classifier head) if you want them trained. Returns the wrapped layer names.
+
+    ``masks`` (``{name: R x K bool}``, e.g. ``vnm.prune_sequential(...).masks`` after a one-shot
+    second-order prune that left updated weights in the model): the named layers start sparse
+    with these masks (checked against their pattern), so training starts from the pruned model
+    exactly; use ``dense_steps=0``, since the dense stage would drop them. Every wrapped layer
+    needs one then.
     """
     chosen = choose_layers(model, pattern, skip, filter_fn)
+    if masks is not None:
+        missing = [name for name, _ in chosen if name not in masks]
+        if missing:
+            raise ValueError(f"masks has no entry for {missing[0]!r} ({len(missing)} wrapped layers in all): give a mask "
+                             "for every layer the pattern selects, or leave those layers out with skip= / filter_fn")
+        for name, p in chosen:
+            check_mask(masks[name], p)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
     for name, p in chosen:
-        _set_module(model, name, LoRASparseLinear.from_linear(model.get_submodule(name), p, rank, alpha, train_bias))
+        layer = LoRASparseLinear.from_linear(model.get_submodule(name), p, rank, alpha, train_bias)
+        if masks is not None:
+            layer.mask.copy_(masks[name].to(layer.mask.device))
+            layer.is_sparse = True
+        _set_module(model, name, layer)
     return [name for name, _ in chosen]
 
 
