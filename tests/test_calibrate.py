@@ -373,3 +373,13 @@ def test_hessian_is_the_gram_matrix_of_the_real_tokens(gen):
     seq = calibrate_sequential(model, batches, model.h, prune_fn, entropy_bins=None, progress=False, hessian=True)
     assert seen and all(seen.values())
     assert all(s.gram is None for s in seq.values())
+
+
+@pytest.mark.parametrize("batches", [["some text", "more text"], [["some text"]], "some text"])
+def test_text_instead_of_tokenized_batches_names_the_fix(batches):
+    # calibration=["text"] used to fail deep inside BERT with "'str' object has no attribute 'size'".
+    with pytest.raises(TypeError, match="token_batches"):
+        calibrate(tiny_bert(), batches, progress=False)
+    with pytest.raises(TypeError, match="token_batches"):
+        vnm.sparsify(tiny_bert(), vnm.SparsifyConfig(pattern="2:4", score="wanda", calibration=batches,
+                                                     progress=False))

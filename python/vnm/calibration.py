@@ -428,6 +428,9 @@ def _given_encoder_output(batch: Any) -> Optional[torch.Tensor]:
 
 
 def _reiterable(batches: Iterable) -> Sequence:
+    if isinstance(batches, str):
+        raise TypeError("batches is a string: calibration needs tokenized batches, e.g. "
+                        "vnm.models.token_batches(tokenizer, texts) for a list of texts")
     if isinstance(batches, (torch.Tensor, Mapping)):
         raise TypeError("batches must be an iterable of batches (e.g. a list of tokenizer outputs), "
                         "not a single batch; wrap it in a list: [batch]")

@@ -112,6 +112,11 @@ def batch_to(batch: Any, device: torch.device) -> Any:
 def run_model(model: nn.Module, batch: Any) -> Any:
     """``model(**batch)`` for a mapping (tokenizer output), ``model(*batch)`` for a tuple or list,
     else ``model(batch)``: how vnm feeds calibration and training batches to a model."""
+    if isinstance(batch, str) or (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], str)):
+        # Text would reach the model's embedding as an argument it cannot read, deep inside its forward.
+        raise TypeError(f"a batch of text ({batch if isinstance(batch, str) else batch[0]!r:.40}...) is not model "
+                        "input: tokenize it first, e.g. vnm.models.token_batches(tokenizer, texts) for a list of "
+                        "texts, which gives batches of input_ids and attention_mask")
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
