@@ -60,3 +60,18 @@ needs_cuda = pytest.mark.skipif(
 )
 
 __all__ = ["bits", "rel_err", "masked", "best_vnm_kept", "best_nm_kept", "needs_cuda", "itertools"]
+
+
+def unpermuted_masked_copy(dense, sparse, report):
+    """The dense model (original order, original norms) with every sparse layer's masked weight:
+    what a permuted sparse model must compute."""
+    import copy
+
+    from vnm.layers import weight_matrix
+    from vnm.sparsify import original_order_weight
+
+    ref = copy.deepcopy(dense)
+    for r in report.sparse:
+        with torch.no_grad():
+            weight_matrix(ref.get_submodule(r.name)).copy_(original_order_weight(sparse.get_submodule(r.name), r))
+    return ref

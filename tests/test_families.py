@@ -18,8 +18,7 @@ import torch
 import vnm
 from vnm import SparsifyConfig, VNMLinear
 from vnm.graph import output_tensors
-from vnm.layers import weight_matrix
-from vnm.sparsify import original_order_weight
+from _util import unpermuted_masked_copy
 from _families import CAUSAL, FAMILIES, randomise_norms_and_scales_
 
 # Output heads each family must leave dense, and why: matched by name, tied to an embedding, or
@@ -45,14 +44,6 @@ def outputs(model, inputs):
     with torch.no_grad():
         return [t for t in output_tensors(model(**inputs)) if t.dtype.is_floating_point]
 
-
-def unpermuted_masked_copy(dense, sparse, report):
-    """The dense model (original order, original norms) with every sparse layer's masked weight."""
-    ref = copy.deepcopy(dense)
-    for r in report.sparse:
-        with torch.no_grad():
-            weight_matrix(ref.get_submodule(r.name)).copy_(original_order_weight(sparse.get_submodule(r.name), r))
-    return ref
 
 
 def assert_close(ys, refs):

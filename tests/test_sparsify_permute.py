@@ -11,8 +11,7 @@ from torch import nn
 import vnm
 from vnm import SparsifyConfig, VNMLinear
 from vnm.graph import HeadsEdge, find_edges
-from vnm.layers import weight_matrix
-from vnm.sparsify import original_order_weight
+from _util import unpermuted_masked_copy
 from _models import output_tensor, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 FAMILIES = {
@@ -34,13 +33,6 @@ def calibration(inputs, n=4):
         out.append(b)
     return out
 
-
-def unpermuted_masked_copy(dense, sparse, report):
-    ref = copy.deepcopy(dense)
-    for r in report.sparse:
-        with torch.no_grad():
-            weight_matrix(ref.get_submodule(r.name)).copy_(original_order_weight(sparse.get_submodule(r.name), r))
-    return ref
 
 
 @pytest.mark.parametrize("mode", ["free", "all"])
