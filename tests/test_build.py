@@ -29,10 +29,15 @@ def _cuda_compiler_here() -> Optional[str]:
 
 def test_build_info_is_consistent():
     info = _C.build_info
-    assert set(info) == {"cuda_requested", "cuda_compiler"}
+    assert set(info) == {"cuda_requested", "cuda_compiler", "cuda_archs", "cuda_sass", "cuda_ptx",
+                         "cuda_sources", "cuda_version", "cudart"}
     assert vnm.CUDA_BUILT == bool(info["cuda_compiler"])  # a CUDA build names its compiler
-    if vnm.CUDA_BUILT:
-        assert info["cuda_requested"]
+    if vnm.CUDA_BUILT:  # and says what device code it carries (the wheel check reads these)
+        assert info["cuda_requested"] and info["cudart"] == "static" and info["cuda_version"]
+        assert info["cuda_sass"] and all(a.startswith("sm_") for a in info["cuda_sass"])
+        assert any(src.endswith(".cu") for src in info["cuda_sources"])
+    else:
+        assert not (info["cuda_archs"] or info["cuda_sass"] or info["cuda_ptx"] or info["cuda_sources"])
 
 
 def test_extension_has_cuda_when_nvcc_is_here():

@@ -17,10 +17,17 @@ def vnm_cmd():
     return [str(script)] if script.exists() else [sys.executable, "-m", "vnm"]
 
 
-def run(*args, ok=True, timeout=600):
+def vnm_env():
+    """The environment of a `vnm` subprocess: the in-place development build when there is one,
+    else the installed package (a checkout's python/ without its compiled core would shadow it)."""
     env = dict(os.environ)
     if any((ROOT / "python" / "vnm").glob("_C*.so")):  # an in-place development build
         env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run(*args, ok=True, timeout=600):
+    env = vnm_env()
     env.setdefault("VNM_NUM_THREADS", "2")
     p = subprocess.run(vnm_cmd() + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout)
     if ok:
@@ -85,8 +92,9 @@ def test_demo_layer_small():
 
 @pytest.mark.slow
 def test_demo_writes_table_and_plot(tmp_path):
-    p = run("demo", "--patterns", "64:2:8", "--time-budget", "0.2", "--out", tmp_path)
-    assert (tmp_path / "demo.csv").is_file() and (tmp_path / "demo.png").stat().st_size > 10_000
+    out = tmp_path / "demo"  # a new folder: an existing one is refused without --overwrite
+    p = run("demo", "--patterns", "64:2:8", "--time-budget", "0.2", "--out", out)
+    assert (out / "demo.csv").is_file() and (out / "demo.png").stat().st_size > 10_000
     rows = [ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] in (["dense"], ["64:2:8"])]
     assert len(rows) >= 3  # dense, and 64:2:8 with and without permutation
 
@@ -280,8 +288,7 @@ def test_bench_memory_counts_the_packed_kernel_copy():
 # ---- first contact: --help without torch, mistakes as one line, output whole or not at all ----
 
 def test_help_and_version_do_not_import_torch():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env = vnm_env()
     code = ("import sys\nfrom vnm.cli import main\n"
             "for argv in (['--help'], ['--version'], ['prune', '--help'], ['demo', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
@@ -548,8 +555,7 @@ def assert_complete_or_absent(out):
 def test_ctrl_c_during_prune_leaves_no_folder_or_a_complete_one(tiny_pruned, tmp_path, point):
     src, _ = tiny_pruned
     out = tmp_path / "out"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env = vnm_env()
     p = subprocess.run([sys.executable, "-c", _INTERRUPTER, *INTERRUPT_POINTS[point], "prune", str(src),
                         "--pattern", "16:2:8", "--score", "magnitude", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=600)
@@ -568,8 +574,7 @@ def test_ctrl_c_from_outside_during_prune(tiny_pruned, tmp_path):
 
     src, _ = tiny_pruned
     out = tmp_path / "out"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env = vnm_env()
     proc = subprocess.Popen([sys.executable, "-m", "vnm", "prune", str(src), "--pattern", "16:2:8", "--score",
                              "magnitude", "--permute", "--time-budget", "30", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
