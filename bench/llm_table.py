@@ -154,7 +154,8 @@ def smollm2_table(args):
                     calibration = None
                 config = vnm.SparsifyConfig(pattern=pattern, score=score, calibration=calibration,
                                             permute="all" if permute else False,
-                                            permute_time_budget=args.permute_budget, progress=False)
+                                            permute_time_budget=args.permute_budget,
+                                            permute_max_rounds=args.permute_rounds, progress=False)
                 report = vnm.sparsify(model, config, filter_fn=lambda m, n: decoder_layers(n, m))
                 info["layers"] = len(report.sparse)
                 info["kept"] = sum(r.kept_importance for r in report.sparse) / len(report.sparse)
@@ -173,7 +174,10 @@ def smollm2_table(args):
         row = dict(model="smollm2", method=method, pattern=pattern, permute=permute, perplexity=ppl.perplexity,
                    nll=ppl.nll, tokens=ppl.tokens, prune_s=None if method == "dense" else prune_s,
                    peak_rss_gib=mem.peak / 2**30, rss_increase_gib=(mem.peak - mem.start) / 2**30,
-                   calib=f"{args.calib_seqs}x{args.calib_len}", load_s=load_s, **info)
+                   calib=f"{args.calib_seqs}x{args.calib_len}", load_s=load_s,
+                   permute_rounds=args.permute_rounds if permute else None,
+                   permute_budget=args.permute_budget if permute else None,
+                   load_avg_1m=os.getloadavg()[0], **info)
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -191,12 +195,16 @@ def minilm_rows(args):
                 model = copy.deepcopy(dense)
                 t = time.time()
                 report = vnm.sparsify(model, vnm.SparsifyConfig(pattern=pattern, score=method, calibration=calib,
-                                                                 permute=permute, permute_time_budget=1.0,
+                                                                 permute=permute,
+                                                                 permute_time_budget=args.permute_budget,
+                                                                 permute_max_rounds=args.permute_rounds,
                                                                  progress=False))
                 prune_s = time.time() - t
                 mean, worst = models.embedding_cosine(ref, models.embed(model, tok, heldout))
                 row = dict(model="minilm", method=method, pattern=pattern, permute=permute, cosine_mean=mean,
                            cosine_min=worst, prune_s=prune_s, layers=len(report.sparse),
+                           permute_rounds=args.permute_rounds if permute else None,
+                           permute_budget=args.permute_budget if permute else None,
                            calib=f"{len(calib_text[:256])} sentences")
                 print(json.dumps(row), flush=True)
                 with open(args.out, "a") as f:
@@ -208,13 +216,18 @@ def markdown(path):
     smol = [r for r in rows if r["model"] == "smollm2"]
     if smol:
         dense = next((r["perplexity"] for r in smol if r["method"] == "dense"), None)
-        print("| method | pattern | permute | perplexity | x dense | prune s | peak RSS GiB |")
-        print("|---|---|---|---:|---:|---:|---:|")
+        print("| method | pattern | permute | perplexity | x dense | increase over dense | prune s (wall) "
+              "| peak RSS GiB (process) | RSS increase GiB (prune) |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
         for r in smol:
             ratio = f"{r['perplexity'] / dense:.2f}" if dense else ""
-            ps = "" if r["prune_s"] is None else f"{r['prune_s']:.0f}"
+            inc = "-" if r["method"] == "dense" or not dense else f"{r['perplexity'] - dense:.2f}"
+            ps = "-" if r["prune_s"] is None else f"{r['prune_s']:.0f}"
+            if r.get("shared_calibration_s"):
+                ps += f" + {r['shared_calibration_s']:.0f} shared calibration"
             print(f"| {r['method']} | {r['pattern'] or '-'} | {'yes' if r['permute'] else 'no'} | "
-                  f"{r['perplexity']:.2f} | {ratio} | {ps} | {r['peak_rss_gib']:.2f} |")
+                  f"{r['perplexity']:.2f} | {ratio} | {inc} | {ps} | {r['peak_rss_gib']:.2f} | "
+                  f"{r['rss_increase_gib']:.2f} |")
     mini = [r for r in rows if r["model"] == "minilm"]
     if mini:
         print("\n| method | pattern | permute | cosine mean | cosine min | prune s |")
@@ -236,7 +249,11 @@ def main():
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--heldout-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--permute-budget", type=float, default=0.2, help="seconds of permutation search per layer")
+    ap.add_argument("--permute-rounds", type=int, default=100,
+                    help="rounds of permutation search per layer (a round limit alone: the same table every run)")
+    ap.add_argument("--permute-budget", type=float, default=None,
+                    help="also stop each layer's search after this many seconds (the table then depends on "
+                         "the machine's speed and load)")
     ap.add_argument("--minilm", action="store_true", help="the MiniLM rows instead of SmolLM2")
     ap.add_argument("--markdown", metavar="JSONL", help="print the tables of a results file and exit")
     args = ap.parse_args()
