@@ -74,7 +74,7 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def decoder_layers(name: str, _module) -> bool:
+def decoder_layers(_module, name: str) -> bool:
     return ".layers." in name
 
 
@@ -156,12 +156,12 @@ def smollm2_table(args):
                                             permute="all" if permute else False,
                                             permute_time_budget=args.permute_budget,
                                             permute_max_rounds=args.permute_rounds, progress=False)
-                report = vnm.sparsify(model, config, filter_fn=lambda m, n: decoder_layers(n, m))
+                report = vnm.sparsify(model, config, filter_fn=decoder_layers)
                 info["layers"] = len(report.sparse)
                 info["kept"] = sum(r.kept_importance for r in report.sparse) / len(report.sparse)
                 evaluated = densified(dense, model, report)
             else:
-                names = [n for n, m in model.named_modules() if vnm.layers.is_prunable(m) and decoder_layers(n, m)]
+                names = [n for n, m in model.named_modules() if vnm.layers.is_prunable(m) and decoder_layers(m, n)]
                 if method == "sparsegpt":
                     vnm.prune_sequential(model, calib, {n: pattern for n in names}, progress=False)
                 else:
@@ -211,6 +211,15 @@ def minilm_rows(args):
                     f.write(json.dumps(row) + "\n")
 
 
+def _permute_cell(row) -> str:
+    if not row["permute"]:
+        return "no"
+    limits = [f"{row['permute_rounds']} rounds"] if row.get("permute_rounds") else []
+    if row.get("permute_budget"):
+        limits.append(f"{row['permute_budget']:g} s")
+    return "yes" + (f" ({' or '.join(limits)} a layer)" if limits else "")
+
+
 def markdown(path):
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     smol = [r for r in rows if r["model"] == "smollm2"]
@@ -225,7 +234,7 @@ def markdown(path):
             ps = "-" if r["prune_s"] is None else f"{r['prune_s']:.0f}"
             if r.get("shared_calibration_s"):
                 ps += f" + {r['shared_calibration_s']:.0f} shared calibration"
-            print(f"| {r['method']} | {r['pattern'] or '-'} | {'yes' if r['permute'] else 'no'} | "
+            print(f"| {r['method']} | {r['pattern'] or '-'} | {_permute_cell(r)} | "
                   f"{r['perplexity']:.2f} | {ratio} | {inc} | {ps} | {r['peak_rss_gib']:.2f} | "
                   f"{r['rss_increase_gib']:.2f} |")
     mini = [r for r in rows if r["model"] == "minilm"]
@@ -233,7 +242,7 @@ def markdown(path):
         print("\n| method | pattern | permute | cosine mean | cosine min | prune s |")
         print("|---|---|---|---:|---:|---:|")
         for r in mini:
-            print(f"| {r['method']} | {r['pattern']} | {'yes' if r['permute'] else 'no'} | {r['cosine_mean']:.4f} | "
+            print(f"| {r['method']} | {r['pattern']} | {_permute_cell(r)} | {r['cosine_mean']:.4f} | "
                   f"{r['cosine_min']:.4f} | {r['prune_s']:.0f} |")
 
 

@@ -81,6 +81,11 @@ def test_prune_and_eval_a_causal_lm_folder(tmp_path):
     run("prune", src, "--pattern", "16:2:8", "--score", "magnitude", "--calib", text, "--out", tmp_path / "out")
     p = run("eval", tmp_path / "out", "--text", text)
     assert "perplexity: dense" in p.stdout
+    # the second-order pruner as the README's LLM workflow runs it (it was refused once by --score's check)
+    run("prune", src, "--pattern", "16:2:8", "--score", "sparsegpt", "--permute", "--rounds", "5", "--calib", text,
+        "--out", tmp_path / "obs")
+    p = run("eval", tmp_path / "obs", "--perplexity", text, "--window", "8")
+    assert "perplexity" in p.stdout
 
 
 @pytest.mark.slow
@@ -421,8 +426,8 @@ def _mistakes():
         ("out-under-a-file", out_under_file, ["is a file, so no folder can be made under it"]),
         ("bad-pattern", lambda t, s, p: ["prune", s, "--pattern", "64:3:8", "--out", t / "out"],
          ["--pattern '64:3:8'", "need N == 2"]),
-        ("bad-score", lambda t, s, p: ["prune", s, "--score", "sparsegpt", "--out", t / "out"],
-         ["--score 'sparsegpt'", "magnitude, wanda"]),
+        ("bad-score", lambda t, s, p: ["prune", s, "--score", "sparsegtp", "--out", t / "out"],
+         ["--score 'sparsegtp'", "magnitude, wanda", "sparsegpt"]),
         ("demo-bad-pattern", lambda t, s, p: ["demo", "--patterns", "abc", "--out", t / "out"], ["--patterns 'abc'"]),
         ("demo-layer-bad-pattern", lambda t, s, p: ["demo-layer", "--patterns", "2:5"], ["--patterns '2:5'"]),
     ]

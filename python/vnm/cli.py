@@ -183,9 +183,12 @@ def check_pattern(text: str, option: str = "--pattern") -> str:
 
 def check_score(name: str) -> str:
     from . import scores  # noqa: PLC0415
+    from .obs import is_obs_method  # noqa: PLC0415
 
-    if name.lower() not in scores.names():
-        raise UsageError(f"--score {name!r} is not a score vnm knows: use one of {', '.join(scores.names())}")
+    # sparsegpt is a pruning method (it updates the kept weights), not a score in the registry
+    if name.lower() not in scores.names() and not is_obs_method(name):
+        raise UsageError(f"--score {name!r} is not a score vnm knows: use one of {', '.join(scores.names())}, "
+                         "or sparsegpt")
     return name
 
 
@@ -346,9 +349,11 @@ def prune_model(source: Path, pattern: str, score: str, permute, calib: List[str
     from .models import model_task, text_windows, token_batches  # noqa: PLC0415
     from .sparsify import SparsifyConfig, sparsify  # noqa: PLC0415
 
+    from .obs import is_obs_method  # noqa: PLC0415
+
     model, tok = load_dense(source, dtype)
     calibration = None
-    if scores.needs_stats(score):
+    if scores.needs_stats(score) or is_obs_method(score):
         if tok is None:
             raise ValueError(f"{type(model).__name__} reads {model.main_input_name}, not text, and the command line "
                              f"calibrates with text only: prune it with --score magnitude, or calibrate from Python "
