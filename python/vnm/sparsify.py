@@ -507,11 +507,30 @@ def _verify_edges(model: nn.Module, edges: List[object], inputs, seed: int) -> T
         model.train(was_training)
 
 
+# Tokens of a calibration batch kept for the trace and the edge check: what they establish is per
+# feature, the same for every token, while the tracer's cost grows with the tokens (on SmolLM2 a
+# 256-token window took 98 s to trace, 16 tokens a few seconds).
+TRACE_TOKENS = 16
+
+
+def _short_text_batch(batch, tokens: int = TRACE_TOKENS):
+    """The first sequence and ``tokens`` tokens of a text batch (a mapping with a 2-d ``input_ids``):
+    every tensor laid out [batch, tokens, ...] like it is cut alike. Anything else is returned as is."""
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or (ids.shape[0] == 1 and ids.shape[1] <= tokens):
+        return batch
+    lead = tuple(ids.shape)
+    return {k: (v[:1, :tokens] if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == lead
+                else v) for k, v in batch.items()}
+
+
 def _trace_inputs(model: nn.Module, config: SparsifyConfig):
     if config.example_inputs is not None:
         batch = config.example_inputs
     elif isinstance(config.calibration, (list, tuple)) and config.calibration:
-        batch = config.calibration[0]
+        batch = _short_text_batch(config.calibration[0])
     else:
         batch = example_inputs(model)
     return None if batch is None else batch_to(batch, model_device(model))
