@@ -56,8 +56,7 @@ def main():
     calib = models.text_windows(tok, train_text, args.calib_seqs, args.calib_len)
     held = tok("\n".join(data.english_sentences("heldout")), return_tensors="pt",
                add_special_tokens=False)["input_ids"][0][:args.heldout_tokens]
-    n_train = len(tok("\n".join(train_text), add_special_tokens=False)["input_ids"]) // args.train_len
-    batches = models.text_windows(tok, train_text, n_train, args.train_len)
+    batches = models.text_windows(tok, train_text, 10_000, args.train_len, allow_fewer=True)  # all of it
 
     def ppl(model):
         return perplexity_of_ids(model, held, window=args.window, batch_size=2, progress=False).perplexity

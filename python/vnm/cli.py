@@ -347,9 +347,8 @@ def prune_model(source: Path, pattern: str, score: str, permute, calib: List[str
     from . import scores  # noqa: PLC0415
     from .checkpoint import read_description, save  # noqa: PLC0415
     from .models import model_task, text_windows, token_batches  # noqa: PLC0415
-    from .sparsify import SparsifyConfig, sparsify  # noqa: PLC0415
-
     from .obs import is_obs_method  # noqa: PLC0415
+    from .sparsify import SparsifyConfig, sparsify  # noqa: PLC0415
 
     model, tok = load_dense(source, dtype)
     calibration = None
