@@ -49,6 +49,7 @@ a subset of threads) execute a little less, which the issue and L1 limits do not
 
     python bench/roofline.py                      # H100 SXM, H200, A100; LLaMA-7B and DeiT-base
     python bench/roofline.py --gpu H100 --json out.json
+    python bench/roofline.py --floor              # what ANY mma.sp kernel could reach (below)
 """
 
 from __future__ import annotations
@@ -365,6 +366,154 @@ def bound(gpu: GPU, p: Pattern, R: int, K: int, N: int, c: KernelCounts, bm: int
                  d / max(limits["tensor"], format_dram_us), passes)
 
 
+# ---- the floor: the fewest shared/L1 wavefronts ANY mma.sp kernel design can execute per MMA ----------
+#
+# The L1 limit above takes each kernel's counted wavefronts per MMA. The floor below asks what the
+# best possible design could count, for a pattern, so that a ceiling no kernel can pass is known
+# before anyone writes one. It is the model of the SASS report's wavefront rule applied to operand
+# bytes, with every choice made in the kernel's favour:
+#
+# * one mma.sp m16n8k32 consumes an A fragment (16 x 16 kept values, 512 B), its metadata (64 B)
+#   and a B fragment (32 x 8 values of x, 512 B); 128 B per wavefront, no bank conflicts;
+# * a warp tile of mt x nt MMAs reads A + metadata once per m-tile and B once per n-tile and
+#   V-row block it spans (M > 4: different row blocks keep different columns, so their B
+#   fragments differ; 2:4 keeps every column, one B serves every row);
+# * registers: 4 mt nt accumulators + 4 mt (A) + mt (metadata) + 4 nt (B) <= 255 per thread, and
+#   the CTA's warps x 32 threads x those registers <= 64 K per SM; no address, index or
+#   double-buffer registers (a real kernel needs them);
+# * staged operands (what this project's kernels and CUTLASS's do): every byte read from shared
+#   memory was written there once per CTA (cp.async's write is one wavefront per 128 B): A and
+#   metadata once per CTA column of BN tokens, B once per CTA row block: per-V-block gathered rows
+#   (BM / V copies when BM > V) or, for M > 4, the dense x^T tile (M / 4 times the kept rows)
+#   shared by every row block of the CTA, whichever is fewer; two pipeline stages in shared
+#   memory at least.
+#
+# Without staging (fragments loaded from global memory straight into registers, no writes) the
+# floor is the reads alone; that is also given, and is a floor nobody has built a kernel near:
+# the fragments' elements are scattered 2-4 byte pieces whose L1 sectors the rule undercounts.
+
+MMA_A_WAVEFRONTS = (512 + 64) / 128  # A fragment + metadata
+MMA_B_WAVEFRONTS = 512 / 128
+REGS_PER_THREAD_MAX = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    mt: int  # m16 tiles per warp
+    nt: int  # n8 tiles per warp
+    warps_m: int
+    warps_n: int
+
+    @property
+    def bm(self) -> int:
+        return 16 * self.mt * self.warps_m
+
+    @property
+    def bn(self) -> int:
+        return 8 * self.nt * self.warps_n
+
+    @property
+    def registers(self) -> int:
+        return 4 * self.mt * self.nt + 5 * self.mt + 4 * self.nt
+
+
+def operand_wavefronts(p: Pattern, t: Tile, staged: bool = True) -> Dict[str, float]:
+    """Shared/L1 wavefronts per MMA that the operands of one warp tile cost at least (see above):
+    reads of A (with metadata) and B, and, when staged, the CTA's writes of them."""
+    V = p.row_block
+    gathered = p.M != 4
+    blocks_per_warp = -(-16 * t.mt // V) if gathered else 1
+    out = {"A read": MMA_A_WAVEFRONTS / t.nt, "B read": MMA_B_WAVEFRONTS * blocks_per_warp / t.mt}
+    if staged:
+        mmas = (t.bm // 16) * (t.bn // 8)  # per CTA and k-step
+        out["A write"] = MMA_A_WAVEFRONTS * (t.bm // 16) / mmas
+        b_tiles = -(-t.bm // V) if gathered else 1  # one gathered B per V-row block
+        if gathered:
+            b_tiles = min(b_tiles, p.M / 4)  # or the dense x^T tile, M / 4 times one block's rows
+        out["B write"] = MMA_B_WAVEFRONTS * (t.bn // 8) * b_tiles / mmas
+    return out
+
+
+def _stage_bytes(p: Pattern, t: Tile) -> float:
+    b_rows = 32 * (min(-(-t.bm // p.row_block), p.M / 4) if p.M != 4 else 1)
+    return (t.bm // 16) * (512 + 64) + b_rows * t.bn * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Floor:
+    pattern: str
+    staged: bool
+    wavefronts_per_mma: float
+    tile: Tile
+    parts: Dict[str, float]
+
+
+def operand_floor(p: Pattern, gpu: GPU, staged: bool = True, stages: int = 2) -> Floor:
+    """The fewest shared/L1 wavefronts per MMA over every warp tile and CTA shape that fits the
+    register file and (staged) `stages` pipeline stages in shared memory."""
+    best: Optional[Floor] = None
+    for mt in range(1, 17):
+        for nt in range(1, 33):
+            regs = Tile(mt, nt, 1, 1).registers
+            if regs > REGS_PER_THREAD_MAX:
+                continue
+            max_warps = REGS_PER_SM // (32 * regs)
+            for wm in range(1, max_warps + 1):
+                for wn in range(1, max_warps // wm + 1):
+                    t = Tile(mt, nt, wm, wn)
+                    if staged and stages * _stage_bytes(p, t) > gpu.smem_per_sm:
+                        continue
+                    parts = operand_wavefronts(p, t, staged)
+                    total = sum(parts.values())
+                    if best is None or total < best.wavefronts_per_mma - 1e-12:
+                        best = Floor(p.text, staged, total, t, parts)
+    assert best is not None
+    return best
+
+
+def mma_per_clk_per_sm(gpu: GPU) -> float:
+    """Sparse m16n8k32 MMAs one SM completes per clock at the sparse tensor peak."""
+    return gpu.sparse_tflops * 1e12 / (gpu.sms * gpu.clock_hz) / (2 * 16 * 8 * 32)
+
+
+def l1_ceiling(gpu: GPU, p: Pattern, R: int, K: int, N: int, wavefronts_per_mma: float) -> float:
+    """Speedup over dense no kernel at `wavefronts_per_mma` can pass: the tensor and shared/L1
+    limits only (every other limit left out, in the kernel's favour)."""
+    g = packed_bytes(p, R, K)
+    n_mma = g["MT"] * g["KS"] * math.ceil(N / 8)
+    tensor = n_mma * 2 * 16 * 8 * 32 / (gpu.sparse_tflops * 1e12)
+    l1 = n_mma * wavefronts_per_mma / (gpu.sms * WAVEFRONTS_PER_CLK_PER_SM * gpu.clock_hz)
+    return dense_us(gpu, R, K, N) / (max(tensor, l1) * 1e6)
+
+
+FLOOR_PATTERNS = ["2:4", "64:2:8", "64:2:5", "128:2:8", "32:2:8", "16:2:8"]
+
+
+def floor_table(gpus: Sequence[str], shape: Tuple[int, int] = (4096, 4096), N: int = 8192) -> str:
+    """Markdown: the floor per pattern (staged and unstaged), the best tile, and the L1 ceilings
+    it allows on each GPU at one large-N shape."""
+    head = ["pattern", "floor wf/MMA, staged (A rd + B rd + A wr + B wr)", "best tile: warp mt x nt, CTA BM x BN, regs",
+            "floor, unstaged"] + [f"{g} ceiling from the staged floor (unstaged)" for g in gpus]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    R, K = shape
+    for ptext in FLOOR_PATTERNS:
+        p = Pattern.parse(ptext)
+        f = operand_floor(p, GPUS[gpus[0]])
+        u = operand_floor(p, GPUS[gpus[0]], staged=False)
+        parts = " + ".join(f"{v:.2f}" for v in f.parts.values())
+        t = f.tile
+        cells = [ptext, f"{f.wavefronts_per_mma:.2f} ({parts})",
+                 f"{16 * t.mt}x{8 * t.nt}, {t.bm}x{t.bn}, {t.registers}", f"{u.wavefronts_per_mma:.2f}"]
+        for g in gpus:
+            gpu = GPUS[g]
+            fg = operand_floor(p, gpu)
+            ug = operand_floor(p, gpu, staged=False)
+            cells.append(f"{l1_ceiling(gpu, p, R, K, N, fg.wavefronts_per_mma):.2f}x "
+                         f"({l1_ceiling(gpu, p, R, K, N, ug.wavefronts_per_mma):.2f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _sass_report_module():
     spec = importlib.util.spec_from_file_location("sass_report", ROOT / "bench" / "sass_report.py")
     sr = importlib.util.module_from_spec(spec)
@@ -421,7 +570,23 @@ def section(gpus: Sequence[str], argv: Sequence[str]) -> str:
             "Limits and every assumption: `bench/roofline.py` docstring. Per-MMA instruction and "
             "wavefront counts come from the SASS report above (fp16 kernels, sm_90 for H100/H200, "
             "sm_80 for A100).", table(bounds)]
+    out += ["", floor_section(gpus)]
     return "\n".join(out)
+
+
+def floor_section(gpus: Sequence[str]) -> str:
+    gpus = list(dict.fromkeys(list(gpus) + ["A100"]))
+    return "\n".join([
+        "### The floor: what any mma.sp kernel could reach (a model, not a kernel)", "",
+        "The fewest shared/L1 wavefronts per m16n8k32 MMA that any kernel design can execute "
+        "for each pattern (operand bytes under the SASS report's wavefront rule, every choice in "
+        "the kernel's favour: no bank conflicts, all 255 registers for accumulators and "
+        "fragments, two pipeline stages; `operand_floor` in `bench/roofline.py`), with the best "
+        "warp and CTA tile, and the speedup over dense that the tensor and shared/L1 limits alone "
+        "then allow at LLaMA-7B 4096x4096, N = 8192. 'Staged': operands written to shared memory "
+        "once per CTA, as this project's kernels and CUTLASS's do; 'unstaged': fragments loaded "
+        "from global memory straight into registers (reads only; no such kernel exists).", "",
+        floor_table(gpus)])
 
 
 def all_bounds(records: List[dict], gpus: Sequence[str]) -> List[Bound]:
@@ -476,7 +641,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--section", action="store_true",
                     help="print the 'Static kernel report' section of bench/RESULTS.md (SASS table "
                          "with the CUTLASS anchor, gate, roofline)")
+    ap.add_argument("--floor", action="store_true",
+                    help="print the floor: the fewest shared/L1 wavefronts per MMA any mma.sp "
+                         "kernel design could execute, per pattern, and the ceilings it allows")
     a = ap.parse_args(argv)
+    if a.floor:
+        print(floor_section(a.gpu or ["H100", "H200", "A100"]))
+        return 0
     if a.section:
         print(section(a.gpu or ["H100"], list(argv if argv is not None else sys.argv[1:])))
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -163,6 +164,8 @@ def test_sass_gate_on_the_compiled_kernels(tmp_path):
     assert loop[0]["non_mma_per_mma"] < 4 and loop[0]["wavefronts_per_mma"] < 3
     assert not anchors[0]["violations"]
 
+    _tiles_count_what_the_floor_model_says(spmm, anchors[0])
+
     found = {(r["kernel"].split("<")[0], _kind(v)) for r in ours for v in r["violations"]}
     new = found - KNOWN_GATE_FAILURES
     fixed = KNOWN_GATE_FAILURES - found
@@ -172,3 +175,32 @@ def test_sass_gate_on_the_compiled_kernels(tmp_path):
     assert res.returncode == (1 if found else 0), res.stderr[-3000:]
     for kernel, kind in found:
         assert kernel in res.stderr, "--check must name the failing kernel"
+
+
+def _tiles_count_what_the_floor_model_says(records, anchor):
+    """bench/roofline.py's floor (the fewest wavefronts any kernel could execute) rests on a model
+    of operand traffic per warp and CTA tile. Applied to each compiled tiled kernel's own tile it
+    must not exceed what the SASS report counts (or the floor is not a floor), and it must account
+    for most of it (or the model misses a cost the kernels pay)."""
+    _rl_spec = importlib.util.spec_from_file_location("roofline", ROOT / "bench" / "roofline.py")
+    rl = importlib.util.module_from_spec(_rl_spec)
+    sys.modules["roofline"] = rl
+    _rl_spec.loader.exec_module(rl)
+    # CUTLASS's anchor: 2:4, warp 64 x 64, CTA 128 x 128.
+    records = list(records) + [dict(anchor, kernel="spmm_tiled_kernel<F16,TileShape<4,8,2,2,3,2>,false>")]
+    seen = 0
+    for r in records:
+        m = re.match(r"spmm_tiled_kernel<\w+,TileShape<(\d+),(\d+),(\d+),(\d+),\d+,\d+>,(true|false)>",
+                     r["kernel"])
+        if not m:
+            continue
+        tile = rl.Tile(*(int(v) for v in m.groups()[:4]))
+        # The pattern each instantiation serves: contiguous x is 2:4; a gathered tile of BM rows
+        # serves V = BM (V = 128 and up for the 128-row tile).
+        pattern = rl.Pattern.parse("2:4" if m.group(5) == "false" else f"{tile.bm}:2:8")
+        model = sum(rl.operand_wavefronts(pattern, tile).values())
+        counted = max(p["wavefronts_per_mma"] for loop in r["loops"] for p in loop)
+        assert model <= counted + 1e-9, (r["kernel"], r["arch"], model, counted)
+        assert counted <= 1.2 * model, (r["kernel"], r["arch"], model, counted)
+        seen += 1
+    assert seen >= 9, "every tiled instantiation, both architectures, and the anchor"
