@@ -562,7 +562,7 @@ def section(gpus: Sequence[str], argv: Sequence[str]) -> str:
         "",
         sr.table(reports),
         "",
-        f"SASS gate (`python bench/sass_report.py --check`): "
+        "SASS gate (`python bench/sass_report.py --check`): "
         + ("passes." if not gate else f"{len(gate)} violations:"),
     ]
     out += [f"- {g}" for g in gate]
