@@ -486,14 +486,36 @@ def l1_ceiling(gpu: GPU, p: Pattern, R: int, K: int, N: int, wavefronts_per_mma:
     return dense_us(gpu, R, K, N) / (max(tensor, l1) * 1e6)
 
 
+def floor_l2_ceiling(gpu: GPU, p: Pattern, R: int, K: int, N: int, f: Floor) -> float:
+    """The L2 limit of the floor's tile, as `bound` counts it: weights once per column of BN
+    tokens and x once per block of BM rows, (BM, BN) the CTA. x per block: the kept rows of x^T
+    of each V-row block it spans (M > 4), at most all of x (the dense tile); all of x for 2:4.
+    Unstaged, the warps of one SM may share their loads through L1: the best arrangement of the
+    warps the register file holds is taken."""
+    g = packed_bytes(p, R, K)
+    weights = g["values"] + g["meta"] + g["kidx"]
+
+    def ceiling(bm: int, bn: int) -> float:
+        x_share = 1.0 if p.M == 4 else min(1.0, 4 / p.M * -(-bm // p.row_block))
+        l2 = weights * math.ceil(N / bn) + x_share * 2 * N * K * math.ceil(g["Rp"] / bm) + 2 * N * R
+        return dense_us(gpu, R, K, N) / (l2 / (gpu.l2_gbs * 1e9) * 1e6)
+
+    t = f.tile
+    if f.staged:
+        return ceiling(t.bm, t.bn)
+    warps = REGS_PER_SM // (32 * t.registers)
+    return max(ceiling(16 * t.mt * wm, 8 * t.nt * wn) for wm in range(1, warps + 1)
+               for wn in range(1, warps // wm + 1))
+
+
 FLOOR_PATTERNS = ["2:4", "64:2:8", "64:2:5", "128:2:8", "32:2:8", "16:2:8"]
 
 
-def floor_table(gpus: Sequence[str], shape: Tuple[int, int] = (4096, 4096), N: int = 8192) -> str:
+def floor_table(gpus: Sequence[str], shape: Tuple[int, int] = (4096, 4096), N: int = 2048) -> str:
     """Markdown: the floor per pattern (staged and unstaged), the best tile, and the L1 ceilings
     it allows on each GPU at one large-N shape."""
     head = ["pattern", "floor wf/MMA, staged (A rd + B rd + A wr + B wr)", "best tile: warp mt x nt, CTA BM x BN, regs",
-            "floor, unstaged"] + [f"{g} ceiling from the staged floor (unstaged)" for g in gpus]
+            "floor, unstaged"] + [f"{g} ceiling: L1, L2 of that tile, staged (unstaged)" for g in gpus]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     R, K = shape
     for ptext in FLOOR_PATTERNS:
@@ -508,8 +530,10 @@ def floor_table(gpus: Sequence[str], shape: Tuple[int, int] = (4096, 4096), N: i
             gpu = GPUS[g]
             fg = operand_floor(p, gpu)
             ug = operand_floor(p, gpu, staged=False)
-            cells.append(f"{l1_ceiling(gpu, p, R, K, N, fg.wavefronts_per_mma):.2f}x "
-                         f"({l1_ceiling(gpu, p, R, K, N, ug.wavefronts_per_mma):.2f}x)")
+            cells.append(f"{l1_ceiling(gpu, p, R, K, N, fg.wavefronts_per_mma):.2f}x, L2 "
+                         f"{floor_l2_ceiling(gpu, p, R, K, N, fg):.2f}x "
+                         f"({l1_ceiling(gpu, p, R, K, N, ug.wavefronts_per_mma):.2f}x, L2 "
+                         f"{floor_l2_ceiling(gpu, p, R, K, N, ug):.2f}x)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -583,7 +607,7 @@ def floor_section(gpus: Sequence[str]) -> str:
         "the kernel's favour: no bank conflicts, all 255 registers for accumulators and "
         "fragments, two pipeline stages; `operand_floor` in `bench/roofline.py`), with the best "
         "warp and CTA tile, and the speedup over dense that the tensor and shared/L1 limits alone "
-        "then allow at LLaMA-7B 4096x4096, N = 8192. 'Staged': operands written to shared memory "
+        "then allow at LLaMA-7B 4096x4096, N = 2048, beside the L2 limit of that same tile (as the roofline counts it: weights once per BN tokens, x once per BM rows; an L2 at the assumed bandwidth above). 'Staged': operands written to shared memory "
         "once per CTA, as this project's kernels and CUTLASS's do; 'unstaged': fragments loaded "
         "from global memory straight into registers (reads only; no such kernel exists).", "",
         floor_table(gpus)])

@@ -188,8 +188,12 @@ def test_the_floor_explains_what_issue_13_asks_on_h100():
     assert rl.mma_per_clk_per_sm(rl.GPUS["A100"]) == pytest.approx(0.5)
     for ptext, target in (("64:2:8", 3.0), ("2:4", 1.6)):
         p = rl.Pattern.parse(ptext)
-        f = rl.operand_floor(p, h100)
-        assert rl.l1_ceiling(h100, p, 4096, 4096, 8192, f.wavefronts_per_mma) < target
+        staged, unstaged = rl.operand_floor(p, h100), rl.operand_floor(p, h100, staged=False)
+        for n in (2048, 8192):
+            assert rl.l1_ceiling(h100, p, 4096, 4096, n, staged.wavefronts_per_mma) < target
+            # unstaged, L1 alone would allow 2:4 1.63x; the L2 traffic of its tiles does not
+            assert min(rl.l1_ceiling(h100, p, 4096, 4096, n, unstaged.wavefronts_per_mma),
+                       rl.floor_l2_ceiling(h100, p, 4096, 4096, n, unstaged)) < target
     # <= 3 wavefronts per MMA at V = 16 is below the B reads alone (no B fragment is shared by
     # two row blocks); at V = 32 only a staged floor with no register to spare gets under it.
     assert rl.operand_floor(rl.Pattern.parse("16:2:8"), h100, staged=False).wavefronts_per_mma > 4
@@ -203,3 +207,11 @@ def test_l1_ceiling_by_hand():
     dense = rl.dense_us(TOY, 16, 32, 8)
     assert rl.l1_ceiling(TOY, p, 16, 32, 8, 2.0) == pytest.approx(dense / 2e-3)
     assert rl.l1_ceiling(TOY, p, 16, 32, 8, 0.5) == pytest.approx(dense / 1e-3)
+
+
+def test_floor_l2_ceiling_by_hand():
+    # TOY, 2:4, R = 16, K = 32, N = 8 on a one-warp tile of one MMA: packed weights 512 + 64 + 128
+    # bytes once, x (512 B) once, y (256 B): 1472 B at 1000 GB/s.
+    p = rl.Pattern.parse("2:4")
+    f = rl.Floor("2:4", True, 0.0, rl.Tile(1, 1, 1, 1), {})
+    assert rl.floor_l2_ceiling(TOY, p, 16, 32, 8, f) == pytest.approx(rl.dense_us(TOY, 16, 32, 8) / 1.472e-3)
