@@ -322,7 +322,7 @@ def bound(gpu: GPU, p: Pattern, R: int, K: int, N: int, c: KernelCounts, bm: int
     transpose_x pass shared by `transpose_shared_by` layers); splits: the decode kernel's k
     splits (> 1: fp32 partials and a reduction pass)."""
     g = packed_bytes(p, R, K)
-    n_mma = g["MT"] * g["KS"] * math.ceil(N / 8)
+    n_mma = _n_mma(p, R, K, N)
     clk = gpu.clock_hz
     weights = g["values"] + g["meta"] + g["kidx"]
     x_bytes, y_bytes = 2 * N * K, 2 * N * R
@@ -417,26 +417,32 @@ class Tile:
         return 4 * self.mt * self.nt + 5 * self.mt + 4 * self.nt
 
 
+def _b_tiles(p: Pattern, bm: int) -> float:
+    """32-row B tiles a CTA of `bm` rows stages per k-step: one (2:4: every row reads the same x
+    rows), else one gathered tile per V-row block or the dense x^T tile (M / 4 blocks' worth of
+    rows), whichever is fewer."""
+    return 1 if p.M == 4 else min(-(-bm // p.row_block), p.M / 4)
+
+
+def _n_mma(p: Pattern, R: int, K: int, N: int) -> int:
+    g = packed_bytes(p, R, K)
+    return g["MT"] * g["KS"] * math.ceil(N / 8)
+
+
 def operand_wavefronts(p: Pattern, t: Tile, staged: bool = True) -> Dict[str, float]:
     """Shared/L1 wavefronts per MMA that the operands of one warp tile cost at least (see above):
     reads of A (with metadata) and B, and, when staged, the CTA's writes of them."""
-    V = p.row_block
-    gathered = p.M != 4
-    blocks_per_warp = -(-16 * t.mt // V) if gathered else 1
+    blocks_per_warp = -(-16 * t.mt // p.row_block) if p.M != 4 else 1
     out = {"A read": MMA_A_WAVEFRONTS / t.nt, "B read": MMA_B_WAVEFRONTS * blocks_per_warp / t.mt}
     if staged:
         mmas = (t.bm // 16) * (t.bn // 8)  # per CTA and k-step
         out["A write"] = MMA_A_WAVEFRONTS * (t.bm // 16) / mmas
-        b_tiles = -(-t.bm // V) if gathered else 1  # one gathered B per V-row block
-        if gathered:
-            b_tiles = min(b_tiles, p.M / 4)  # or the dense x^T tile, M / 4 times one block's rows
-        out["B write"] = MMA_B_WAVEFRONTS * (t.bn // 8) * b_tiles / mmas
+        out["B write"] = MMA_B_WAVEFRONTS * (t.bn // 8) * _b_tiles(p, t.bm) / mmas
     return out
 
 
 def _stage_bytes(p: Pattern, t: Tile) -> float:
-    b_rows = 32 * (min(-(-t.bm // p.row_block), p.M / 4) if p.M != 4 else 1)
-    return (t.bm // 16) * (512 + 64) + b_rows * t.bn * 2
+    return (t.bm // 16) * (512 + 64) + 32 * _b_tiles(p, t.bm) * t.bn * 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,8 +485,7 @@ def mma_per_clk_per_sm(gpu: GPU) -> float:
 def l1_ceiling(gpu: GPU, p: Pattern, R: int, K: int, N: int, wavefronts_per_mma: float) -> float:
     """Speedup over dense no kernel at `wavefronts_per_mma` can pass: the tensor and shared/L1
     limits only (every other limit left out, in the kernel's favour)."""
-    g = packed_bytes(p, R, K)
-    n_mma = g["MT"] * g["KS"] * math.ceil(N / 8)
+    n_mma = _n_mma(p, R, K, N)
     tensor = n_mma * 2 * 16 * 8 * 32 / (gpu.sparse_tflops * 1e12)
     l1 = n_mma * wavefronts_per_mma / (gpu.sms * WAVEFRONTS_PER_CLK_PER_SM * gpu.clock_hz)
     return dense_us(gpu, R, K, N) / (max(tensor, l1) * 1e6)
@@ -496,7 +501,7 @@ def floor_l2_ceiling(gpu: GPU, p: Pattern, R: int, K: int, N: int, f: Floor) -> 
     weights = g["values"] + g["meta"] + g["kidx"]
 
     def ceiling(bm: int, bn: int) -> float:
-        x_share = 1.0 if p.M == 4 else min(1.0, 4 / p.M * -(-bm // p.row_block))
+        x_share = 1.0 if p.M == 4 else _b_tiles(p, bm) * 4 / p.M  # kept rows of x^T, at most all
         l2 = weights * math.ceil(N / bn) + x_share * 2 * N * K * math.ceil(g["Rp"] / bm) + 2 * N * R
         return dense_us(gpu, R, K, N) / (l2 / (gpu.l2_gbs * 1e9) * 1e6)
 
@@ -520,20 +525,20 @@ def floor_table(gpus: Sequence[str], shape: Tuple[int, int] = (4096, 4096), N: i
     R, K = shape
     for ptext in FLOOR_PATTERNS:
         p = Pattern.parse(ptext)
-        f = operand_floor(p, GPUS[gpus[0]])
-        u = operand_floor(p, GPUS[gpus[0]], staged=False)
+        # (staged, unstaged) floors per GPU; the tile columns show the first GPU's
+        floors = {g: (operand_floor(p, GPUS[g]), operand_floor(p, GPUS[g], staged=False)) for g in gpus}
+        f, u = floors[gpus[0]]
         parts = " + ".join(f"{v:.2f}" for v in f.parts.values())
         t = f.tile
         cells = [ptext, f"{f.wavefronts_per_mma:.2f} ({parts})",
                  f"{16 * t.mt}x{8 * t.nt}, {t.bm}x{t.bn}, {t.registers}", f"{u.wavefronts_per_mma:.2f}"]
-        for g in gpus:
+        for g, (fs, fu) in floors.items():
             gpu = GPUS[g]
-            fg = operand_floor(p, gpu)
-            ug = operand_floor(p, gpu, staged=False)
-            cells.append(f"{l1_ceiling(gpu, p, R, K, N, fg.wavefronts_per_mma):.2f}x, L2 "
-                         f"{floor_l2_ceiling(gpu, p, R, K, N, fg):.2f}x "
-                         f"({l1_ceiling(gpu, p, R, K, N, ug.wavefronts_per_mma):.2f}x, L2 "
-                         f"{floor_l2_ceiling(gpu, p, R, K, N, ug):.2f}x)")
+
+            def ceilings(fl: Floor) -> str:
+                return (f"{l1_ceiling(gpu, p, R, K, N, fl.wavefronts_per_mma):.2f}x, "
+                        f"L2 {floor_l2_ceiling(gpu, p, R, K, N, fl):.2f}x")
+            cells.append(f"{ceilings(fs)} ({ceilings(fu)})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -607,7 +612,9 @@ def floor_section(gpus: Sequence[str]) -> str:
         "the kernel's favour: no bank conflicts, all 255 registers for accumulators and "
         "fragments, two pipeline stages; `operand_floor` in `bench/roofline.py`), with the best "
         "warp and CTA tile, and the speedup over dense that the tensor and shared/L1 limits alone "
-        "then allow at LLaMA-7B 4096x4096, N = 2048, beside the L2 limit of that same tile (as the roofline counts it: weights once per BN tokens, x once per BM rows; an L2 at the assumed bandwidth above). 'Staged': operands written to shared memory "
+        "then allow at LLaMA-7B 4096x4096, N = 2048, beside the L2 limit of that same tile (as "
+        "the roofline counts it: weights once per BN tokens, x once per BM rows; an L2 at the "
+        "assumed bandwidth above). 'Staged': operands written to shared memory "
         "once per CTA, as this project's kernels and CUTLASS's do; 'unstaged': fragments loaded "
         "from global memory straight into registers (reads only; no such kernel exists).", "",
         floor_table(gpus)])

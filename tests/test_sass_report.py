@@ -21,10 +21,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("sass_report", ROOT / "bench" / "sass_report.py")
-sr = importlib.util.module_from_spec(_spec)
-sys.modules["sass_report"] = sr  # dataclasses resolve annotations through sys.modules
-_spec.loader.exec_module(sr)
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+sr = _load_bench("sass_report")
 
 # (kernel template, violation kind) the gate reports today, each to be removed by the rebuild
 # that fixes it. Empty since issue 13 rebuilt both kernels (neither gathers x one 16-bit element
@@ -182,10 +189,7 @@ def _tiles_count_what_the_floor_model_says(records, anchor):
     of operand traffic per warp and CTA tile. Applied to each compiled tiled kernel's own tile it
     must not exceed what the SASS report counts (or the floor is not a floor), and it must account
     for most of it (or the model misses a cost the kernels pay)."""
-    _rl_spec = importlib.util.spec_from_file_location("roofline", ROOT / "bench" / "roofline.py")
-    rl = importlib.util.module_from_spec(_rl_spec)
-    sys.modules["roofline"] = rl
-    _rl_spec.loader.exec_module(rl)
+    rl = _load_bench("roofline")
     # CUTLASS's anchor: 2:4, warp 64 x 64, CTA 128 x 128.
     records = list(records) + [dict(anchor, kernel="spmm_tiled_kernel<F16,TileShape<4,8,2,2,3,2>,false>")]
     seen = 0
